@@ -1,0 +1,306 @@
+"""The ``graphopt`` command.
+
+Exit codes: 0 success, 1 internal error, 2 usage or bad option, 3 unreadable or
+invalid model, 4 a pass or a verification failed, 130 interrupted.  Expected
+errors print one line ``graphopt: error: ...``; ``--debug`` adds the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from graphopt.errors import ExitCode, GraphoptError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from graphopt import __version__
+
+    parser = _Parser(prog="graphopt", description="Optimize and compile ONNX models.")
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    opt = sub.add_parser("opt", help="run a pass pipeline over a model")
+    opt.add_argument("input", help="input .onnx model (never modified)")
+    opt.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    opt.add_argument("-p", "--pipeline", help="textual pipeline, e.g. 'fold-constants,cse' (default: simplify)")
+    opt.add_argument("--config", help="TOML file with [[pipeline]] steps and [run] options")
+    opt.add_argument("--report", help="write a JSON report of the run to this file")
+    opt.add_argument("--time-passes", action="store_true", default=None, help="print time per pass")
+    opt.add_argument("--verify-each", action="store_true", default=None,
+                     help="after each pass: onnx checker, shape inference, onnxruntime comparison")
+    opt.add_argument("--tolerance", type=float, help="relative error allowed by --verify-each (default: per pass)")
+    opt.add_argument("--inputs", help=".npz of inputs for --verify-each (default: seeded random)")
+    opt.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                     help="pin the shape of a dynamic input (repeatable)")
+    opt.add_argument("--seed", type=int, help="seed for random inputs and randomized passes (default 0)")
+    opt.add_argument("--print-ir-after", action="append", metavar="PASS|all", help="print the IR after a pass")
+    opt.add_argument("--dump-dir", help="save the model after each pass into this folder")
+    opt.add_argument("--external-data", action="store_true", default=None,
+                     help="write weights to OUTPUT.data (automatic over 2 GB)")
+    opt.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    sub.add_parser("passes", help="list registered passes, their options and named pipelines").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
+
+    insp = sub.add_parser("inspect", help="inputs, outputs, ops, parameters and MACs of a model")
+    insp.add_argument("model")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    insp.add_argument("--per-node", action="store_true", help="list MACs per node")
+    return parser
+
+
+# ----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("missing command (one of: opt, passes, inspect); see 'graphopt --help'")
+        return int(_COMMANDS[args.command](args) or 0)
+    except GraphoptError as exc:
+        _fail(str(exc), debug)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; no output written", debug)
+        return int(ExitCode.INTERRUPTED)
+    except MemoryError:
+        _fail("out of memory", debug)
+        return int(ExitCode.INTERNAL)
+    except BrokenPipeError:
+        return int(ExitCode.OK)
+    except Exception as exc:  # a bug: still one line unless --debug
+        _fail(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              " (rerun with --debug for a traceback)", debug)
+        return int(ExitCode.INTERNAL)
+
+
+def _fail(message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"graphopt: error: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------
+def cmd_opt(args: argparse.Namespace) -> int:
+    from graphopt import instruments as inst
+    from graphopt.api import DEFAULT_PIPELINE
+    from graphopt.context import PassContext
+    from graphopt.inspect import summarize
+    from graphopt.ir import load, save
+    from graphopt.manager import PassManager
+    from graphopt.pipeline import load_config, parse
+
+    # Everything that can be checked without the model is checked first.
+    config = load_config(args.config) if args.config else None
+    run_opts: dict[str, Any] = dict(config.run) if config else {}
+    for key in ("time_passes", "verify_each", "seed", "tolerance", "dump_dir", "print_ir_after", "report",
+                "external_data"):
+        value = getattr(args, key)
+        if value is not None:
+            run_opts[key.replace("_", "-")] = value
+    if args.pipeline and config and config.pipeline:
+        raise UsageError("give the pipeline with -p or in --config, not both")
+    pipeline = parse(args.pipeline) if args.pipeline else (config.pipeline if config and config.pipeline else None)
+    if pipeline is None:
+        pipeline = parse(DEFAULT_PIPELINE)
+    output = Path(args.output)
+    _check_output_path(output, "-o")
+    if run_opts.get("report"):
+        _check_output_path(Path(run_opts["report"]), "--report")
+    tolerance = run_opts.get("tolerance")
+    if tolerance is not None and not tolerance >= 0:
+        raise UsageError(f"--tolerance must be >= 0, got {tolerance}")
+    input_shapes = parse_input_shapes(args.input_shape)
+    inputs = load_npz(args.inputs, "--inputs") if args.inputs else None
+
+    ctx = PassContext(
+        seed=run_opts.get("seed", 0),
+        inputs=inputs,
+        input_shapes=input_shapes,
+        tolerance=tolerance,
+        quiet=args.quiet,
+        options=run_opts,
+    )
+    instruments = []
+    if run_opts.get("verify-each"):
+        instruments.append(inst.VerifyEach(inputs, tolerance))
+    if run_opts.get("print-ir-after"):
+        instruments.append(inst.PrintIRAfter(run_opts["print-ir-after"]))
+    if run_opts.get("dump-dir"):
+        instruments.append(inst.DumpDir(run_opts["dump-dir"]))
+    if run_opts.get("time-passes"):
+        instruments.append(inst.TimePasses())
+
+    start = time.perf_counter()
+    model = load(args.input)
+    report_path = run_opts.get("report")
+    before = summarize(model) if report_path else None
+    result = PassManager(pipeline, instruments).run(model, ctx)
+    save(model, output, external_data=run_opts.get("external-data"), protect=[args.input])
+    seconds = time.perf_counter() - start
+    if report_path:
+        after = summarize(model)
+        report = {
+            "graphopt": _version(),
+            "input": str(args.input),
+            "output": str(output),
+            "pipeline": str(pipeline),
+            "seconds": round(seconds, 6),
+            "changed": result.changed,
+            "passes": [r.as_dict() for r in result.records],
+            "model": {"before": _model_totals(before, args.input), "after": _model_totals(after, output)},
+        }
+        write_json_atomic(Path(report_path), report)
+    if not args.quiet:
+        nodes_before = result.records[0].before.nodes if result.records else None
+        nodes_after = result.records[-1].after.nodes if result.records else None
+        print(f"graphopt: wrote {output} ({nodes_before} -> {nodes_after} nodes, {seconds:.2f}s)", file=sys.stderr)
+    return 0
+
+
+def _model_totals(summary: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    return {
+        "file_bytes": _file_bytes(Path(path)),
+        "nodes": summary["nodes"],
+        "params": summary["params"],
+        "param_bytes": summary["param_bytes"],
+        "macs": summary["macs"],
+    }
+
+
+def _file_bytes(path: Path) -> int:
+    size = path.stat().st_size if path.exists() else 0
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from graphopt import registry
+
+    passes = registry.passes()
+    pipelines = registry.pipelines()
+    if args.json:
+        out = {
+            "passes": {
+                name: {
+                    "summary": cls.summary(),
+                    "module": cls.__module__,
+                    "options": {
+                        s.name: {"type": s.type_name, "default": s.default, "doc": s.doc}
+                        for s in cls.option_specs().values()
+                    },
+                }
+                for name, cls in passes.items()
+            },
+            "pipelines": {name: {"pipeline": text, "summary": doc} for name, (text, doc) in pipelines.items()},
+        }
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    width = max((len(n) for n in list(passes) + list(pipelines)), default=10) + 2
+    print("Passes:")
+    for name, cls in passes.items():
+        print(f"  {name:<{width}}{cls.summary()}")
+        for spec in cls.option_specs().values():
+            default = spec.default if not isinstance(spec.default, bool) else str(spec.default).lower()
+            print(f"  {'':<{width}}  {spec.name}={spec.type_name} (default {default}): {spec.doc}")
+    print("\nNamed pipelines:")
+    for name, (text, doc) in pipelines.items():
+        print(f"  {name:<{width}}{doc}")
+        print(f"  {'':<{width}}  = {text}")
+    for err in registry.plugin_errors():
+        print(f"graphopt: warning: {err}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graphopt.inspect import format_summary, summarize
+    from graphopt.ir import load
+
+    summary = summarize(load(args.model))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary, per_node=args.per_node))
+    return 0
+
+
+_COMMANDS = {"opt": cmd_opt, "passes": cmd_passes, "inspect": cmd_inspect}
+
+
+# ----------------------------------------------------------------------------------
+# Helpers shared by commands
+# ----------------------------------------------------------------------------------
+def _check_output_path(path: Path, flag: str) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: output folder '{parent}' does not exist")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder")
+
+
+def parse_input_shapes(items: Sequence[str]) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = [int(d) for d in dims.lower().split("x")] if dims else []
+            if any(d < 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--input-shape '{item}': expected NAME=DxDxD, e.g. input=1x3x224x224") from None
+        shapes[name] = shape
+    return shapes
+
+
+def load_npz(path: str, flag: str) -> dict[str, Any]:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except Exception as exc:
+        raise UsageError(f"{flag} {path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _version() -> str:
+    from graphopt import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

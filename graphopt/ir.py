@@ -1,0 +1,460 @@
+"""The IR: an onnx-graphsurgeon graph plus the model-level facts gs does not keep.
+
+Loading never reads external weights eagerly: they stay behind
+:class:`ExternalValues`, which reads its bytes from the model's own folder only
+when a pass asks for them, and saving streams them into the new data file.
+Saving is atomic (temporary file + rename) so a failure never leaves a
+half-written model, and it never touches the input file.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from graphopt.errors import ModelError, UsageError
+
+TWO_GB = 2**31
+# Tensors smaller than this stay inline when writing external data, as onnx does.
+EXTERNAL_THRESHOLD = 1024
+# Offsets in the data file are aligned so weights can be memory-mapped directly.
+EXTERNAL_ALIGN = 64
+_COPY_CHUNK = 16 * 2**20
+
+
+class ExternalValues(LazyValues):
+    """Lazy values of a tensor stored in an external file inside ``base_dir``."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        self.path = resolve_external_path(base_dir, info.location, tensor.name)
+        self.offset = int(info.offset or 0)
+        self.length = int(info.length) if info.length else None
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length) if self.length is not None else f.read()
+        return data
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        remaining = self.length if self.length is not None else None
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            while remaining is None or remaining > 0:
+                n = _COPY_CHUNK if remaining is None else min(_COPY_CHUNK, remaining)
+                chunk = f.read(n)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    def load(self) -> np.ndarray:
+        inline = onnx.TensorProto()
+        inline.name = self.tensor.name
+        inline.data_type = self.tensor.data_type
+        inline.dims.extend(self.tensor.dims)
+        inline.raw_data = self.read_bytes()
+        return np.array(onnx.numpy_helper.to_array(inline))
+
+
+def resolve_external_path(base_dir: Path, location: str, tensor_name: str) -> Path:
+    """Resolve an external-data location, refusing anything outside ``base_dir``."""
+    loc = Path(location)
+    if not location or loc.is_absolute() or ".." in loc.parts:
+        raise ModelError(
+            f"tensor '{tensor_name}': external data location '{location}' leaves the model's folder"
+        )
+    base = base_dir.resolve()
+    path = (base / loc).resolve()
+    if base != path and base not in path.parents:
+        raise ModelError(
+            f"tensor '{tensor_name}': external data location '{location}' leaves the model's folder"
+        )
+    return path
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """Model-level fields that a gs round trip would otherwise drop or rewrite."""
+
+    ir_version: int = 8
+    opset_imports: dict[str, int] = dataclasses.field(default_factory=dict)
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # Names that were both graph inputs and initializers (required before IR v4,
+    # "overridable initializers" after); kept listed as inputs on export.
+    initializer_inputs: list[str] = dataclasses.field(default_factory=list)
+    # Non-empty input/output value_info of the original graph by position, so a
+    # graph whose outputs became constants keeps its declared types and shapes.
+    input_order: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Model:
+    """A graph under optimization and the facts needed to write it back."""
+
+    graph: gs.Graph
+    info: ModelInfo
+    source_dir: Path | None = None
+
+    # -- conversion -----------------------------------------------------------------
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, source_dir: Path | None = None) -> "Model":
+        init_names = {t.name for t in proto.graph.initializer}
+        info = ModelInfo(
+            ir_version=proto.ir_version,
+            opset_imports={o.domain: o.version for o in proto.opset_import},
+            producer_name=proto.producer_name,
+            producer_version=proto.producer_version,
+            domain=proto.domain,
+            model_version=proto.model_version,
+            doc_string=proto.doc_string,
+            metadata_props=[(p.key, p.value) for p in proto.metadata_props],
+            initializer_inputs=[i.name for i in proto.graph.input if i.name in init_names],
+            input_order=[i.name for i in proto.graph.input],
+        )
+        try:
+            graph = gs.import_onnx(proto)
+        except Exception as exc:  # gs raises assorted errors on malformed graphs
+            raise ModelError(f"cannot import graph: {_one_line(exc)}") from None
+        model = cls(graph=graph, info=info, source_dir=source_dir)
+        model._bind_external_values()
+        return model
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Export to a ModelProto; external tensors keep their source references."""
+        graph = self.graph
+        opsets = dict(self.info.opset_imports)
+        for domain, version in _used_domains(graph).items():
+            opsets.setdefault(domain, version)
+        try:
+            proto = gs.export_onnx(
+                graph,
+                do_type_check=False,
+                opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+            )
+        except Exception as exc:
+            raise ModelError(f"cannot export graph: {_one_line(exc)}") from None
+        proto.ir_version = self.info.ir_version
+        proto.producer_name = self.info.producer_name
+        proto.producer_version = self.info.producer_version
+        proto.domain = self.info.domain
+        proto.model_version = self.info.model_version
+        proto.doc_string = self.info.doc_string
+        del proto.metadata_props[:]
+        for key, value in self.info.metadata_props:
+            proto.metadata_props.add(key=key, value=value)
+        self._restore_initializer_inputs(proto)
+        return proto
+
+    def copy(self) -> "Model":
+        return Model(graph=self.graph.copy(), info=copy.deepcopy(self.info), source_dir=self.source_dir)
+
+    # -- helpers ----------------------------------------------------------------------
+    def constants(self) -> Iterator[gs.Constant]:
+        for tensor in self.graph.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                yield tensor
+
+    def _bind_external_values(self) -> None:
+        for graph in iter_graphs(self.graph):
+            for tensor in graph.tensors().values():
+                if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
+                    proto = tensor._values.tensor
+                    if isinstance(proto, onnx.TensorProto) and _is_external(proto):
+                        if self.source_dir is None:
+                            raise ModelError(f"tensor '{proto.name}': external data but no model folder")
+                        tensor._values = ExternalValues(proto, self.source_dir)
+
+    def _restore_initializer_inputs(self, proto: onnx.ModelProto) -> None:
+        if not self.info.initializer_inputs:
+            return
+        listed = {i.name for i in proto.graph.input}
+        inits = {t.name: t for t in proto.graph.initializer}
+        extra = []
+        for name in self.info.initializer_inputs:
+            if name in inits and name not in listed:
+                t = inits[name]
+                extra.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+        if not extra:
+            return
+        order = {n: i for i, n in enumerate(self.info.input_order)}
+        inputs = list(proto.graph.input) + extra
+        inputs.sort(key=lambda vi: order.get(vi.name, len(order)))
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                yield from iter_graphs(attr)
+            elif isinstance(attr, list):
+                for item in attr:
+                    if isinstance(item, gs.Graph):
+                        yield from iter_graphs(item)
+
+
+def _used_domains(graph: gs.Graph) -> dict[str, int]:
+    domains: dict[str, int] = {}
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            if node.domain and node.domain not in ("", "ai.onnx"):
+                domains.setdefault(node.domain, 1)
+    return domains
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) < 300 else first[:297] + "..."
+
+
+# ----------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and validate a model file without loading its external data."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a valid ONNX model ({_one_line(exc)})") from None
+    if not proto.HasField("graph") or not proto.opset_import:
+        raise ModelError(f"{path}: not a valid ONNX model (no graph or no opset import)")
+    _check_tensors(proto, path)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{path}: invalid model: {_checker_message(exc)}") from None
+    except Exception as exc:
+        raise ModelError(f"{path}: invalid model: {_one_line(exc)}") from None
+    return proto
+
+
+def load(path: str | os.PathLike) -> Model:
+    """Load a model for optimization; weights in external files stay on disk."""
+    path = Path(path)
+    proto = load_proto(path)
+    try:
+        return Model.from_proto(proto, source_dir=path.resolve().parent)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+
+
+def _checker_message(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # The checker appends a "==> Context: ..." line that names the node; keep both.
+    main = lines[0] if lines else "checker failed"
+    ctx = next((ln for ln in lines if ln.startswith("==> Context")), "")
+    msg = main + (f" ({ctx[4:].strip()})" if ctx else "")
+    return msg if len(msg) < 400 else msg[:397] + "..."
+
+
+def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph: initializers, attributes, subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from iter_tensor_protos(attr.g)
+            for sub in attr.graphs:
+                yield from iter_tensor_protos(sub)
+
+
+def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
+    """Catch truncated or inconsistent weights before any pass trips over them."""
+    base = path.resolve().parent
+    for tensor in iter_tensor_protos(proto.graph):
+        if any(d < 0 for d in tensor.dims):
+            raise ModelError(f"{path}: tensor '{tensor.name}' has a negative dimension")
+        if tensor.data_type == onnx.TensorProto.UNDEFINED or tensor.data_type not in _DTYPE_BITS:
+            if tensor.data_type in (onnx.TensorProto.STRING,):
+                continue
+            raise ModelError(f"{path}: tensor '{tensor.name}' has unknown data type {tensor.data_type}")
+        nbits = _DTYPE_BITS[tensor.data_type] * int(np.prod(tensor.dims, dtype=np.int64) if tensor.dims else 1)
+        nbytes = (nbits + 7) // 8
+        if _is_external(tensor):
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            file = resolve_external_path(base, info.location, tensor.name) if info.location else None
+            if file is None:
+                raise ModelError(f"{path}: tensor '{tensor.name}' has external data with no location")
+            if not file.is_file():
+                raise ModelError(f"{path}: tensor '{tensor.name}': external data file '{info.location}' not found")
+            offset = int(info.offset or 0)
+            length = int(info.length) if info.length else file.stat().st_size - offset
+            if length != nbytes or offset + length > file.stat().st_size:
+                raise ModelError(
+                    f"{path}: tensor '{tensor.name}': external data file '{info.location}' is truncated "
+                    f"or does not match the tensor's shape"
+                )
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) != nbytes:
+            raise ModelError(
+                f"{path}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs {nbytes}"
+            )
+
+
+_DTYPE_BITS = {
+    onnx.TensorProto.FLOAT: 32,
+    onnx.TensorProto.UINT8: 8,
+    onnx.TensorProto.INT8: 8,
+    onnx.TensorProto.UINT16: 16,
+    onnx.TensorProto.INT16: 16,
+    onnx.TensorProto.INT32: 32,
+    onnx.TensorProto.INT64: 64,
+    onnx.TensorProto.BOOL: 8,
+    onnx.TensorProto.FLOAT16: 16,
+    onnx.TensorProto.DOUBLE: 64,
+    onnx.TensorProto.UINT32: 32,
+    onnx.TensorProto.UINT64: 64,
+    onnx.TensorProto.COMPLEX64: 64,
+    onnx.TensorProto.COMPLEX128: 128,
+    onnx.TensorProto.BFLOAT16: 16,
+}
+for _name, _bits in (
+    ("FLOAT8E4M3FN", 8), ("FLOAT8E4M3FNUZ", 8), ("FLOAT8E5M2", 8), ("FLOAT8E5M2FNUZ", 8),
+    ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("FLOAT8E8M0", 8), ("UINT2", 2), ("INT2", 2),
+):
+    if hasattr(onnx.TensorProto, _name):
+        _DTYPE_BITS[getattr(onnx.TensorProto, _name)] = _bits
+del _name, _bits
+
+
+# ----------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------
+def save(
+    model: Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: list[str | os.PathLike] = (),
+) -> Path:
+    """Write ``model`` atomically; external data when asked or when over 2 GB.
+
+    ``protect`` lists files (the input model) that must never be overwritten.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise UsageError(f"{path}: output folder '{path.parent}' does not exist")
+    for p in protect:
+        if Path(p).resolve() == path.resolve():
+            raise UsageError(f"{path}: refusing to overwrite the input model")
+    proto = model.to_proto()
+    tensors = [t for t in iter_tensor_protos(proto.graph) if _tensor_nbytes(t) >= EXTERNAL_THRESHOLD]
+    total = sum(_tensor_nbytes(t) for t in tensors)
+    if external_data is None:
+        external_data = total > TWO_GB
+    sources = _external_sources(model)
+    data_name = path.name + ".data"
+    data_path = path.parent / data_name
+    for p in protect:
+        for src in sources.values():
+            if src.path == data_path.resolve():
+                raise UsageError(f"{data_path}: refusing to overwrite the input model's external data")
+    tmp_files: list[Path] = []
+    try:
+        if external_data:
+            tmp_data = _tmp_beside(data_path)
+            tmp_files.append(tmp_data)
+            with open(tmp_data, "wb") as out:
+                for tensor in tensors:
+                    _write_external(tensor, out, data_name, sources.get(tensor.name) if _is_external(tensor) else None)
+        else:
+            for tensor in iter_tensor_protos(proto.graph):
+                src = sources.get(tensor.name)
+                if src is not None and _is_external(tensor):
+                    _inline(tensor, src)
+        data = proto.SerializeToString(deterministic=True)
+        if len(data) >= TWO_GB:
+            raise ModelError(f"{path}: model is over 2 GB; save it with external data")
+        tmp_model = _tmp_beside(path)
+        tmp_files.append(tmp_model)
+        with open(tmp_model, "wb") as f:
+            f.write(data)
+        if external_data:
+            os.replace(tmp_files[0], data_path)
+        os.replace(tmp_model, path)
+        tmp_files.clear()
+    finally:
+        for tmp in tmp_files:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _tmp_beside(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    bits = _DTYPE_BITS.get(tensor.data_type, 0)
+    n = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return (bits * n + 7) // 8
+
+
+def _external_sources(model: Model) -> dict[str, ExternalValues]:
+    """Map tensor names to the lazy source they came from, for streaming copies."""
+    out: dict[str, ExternalValues] = {}
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and isinstance(tensor._values, ExternalValues):
+                out[tensor.name] = tensor._values
+    return out
+
+
+def _write_external(tensor: onnx.TensorProto, out, location: str, src: ExternalValues | None) -> None:
+    pad = (-out.tell()) % EXTERNAL_ALIGN
+    if pad:
+        out.write(b"\0" * pad)
+    offset = out.tell()
+    if src is not None:
+        for chunk in src.iter_chunks():
+            out.write(chunk)
+    else:
+        if not tensor.HasField("raw_data"):
+            array = onnx.numpy_helper.to_array(tensor)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+        out.write(tensor.raw_data)
+        tensor.ClearField("raw_data")
+    length = out.tell() - offset
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def _inline(tensor: onnx.TensorProto, src: ExternalValues) -> None:
+    tensor.raw_data = src.read_bytes()
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT

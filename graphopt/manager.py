@@ -1,0 +1,138 @@
+"""The pass manager: runs a pipeline, owns fixpoint iteration, timing and instruments.
+
+Passes only transform; everything around them (statistics, verification,
+IR printing and dumps) is the manager's or an instrument's job, so a pass
+author writes one ``run`` method and gets all of it for free.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+from graphopt.context import PassContext
+from graphopt.errors import GraphoptError, PassError
+from graphopt.ir import Model
+from graphopt.pass_base import Pass, PassResult
+from graphopt.pipeline import Fixpoint, Pipeline
+from graphopt.stats import GraphStats, graph_stats
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """One execution of one pass (a pass inside a fixpoint runs once per round)."""
+
+    name: str
+    pipeline_text: str
+    changed: bool
+    seconds: float
+    before: GraphStats
+    after: GraphStats
+    round: int | None = None
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.name,
+            "text": self.pipeline_text,
+            "round": self.round,
+            "changed": self.changed,
+            "seconds": round(self.seconds, 6),
+            "before": self.before.as_dict(),
+            "after": self.after.as_dict(),
+            "stats": self.stats,
+            "notes": self.notes,
+        }
+
+
+class Instrument:
+    """Hooks around a run and around each pass (TVM's PassInstrument, LLVM's callbacks)."""
+
+    def run_begin(self, model: Model, ctx: PassContext) -> None: ...
+
+    def before_pass(self, p: Pass, model: Model, ctx: PassContext) -> None: ...
+
+    def after_pass(self, p: Pass, model: Model, ctx: PassContext, record: PassRecord) -> None: ...
+
+    def run_end(self, model: Model, ctx: PassContext, records: list[PassRecord]) -> None: ...
+
+
+@dataclasses.dataclass
+class RunResult:
+    records: list[PassRecord]
+
+    @property
+    def changed(self) -> bool:
+        return any(r.changed for r in self.records)
+
+
+class PassManager:
+    def __init__(self, pipeline: Pipeline, instruments: Sequence[Instrument] = ()):
+        self.pipeline = pipeline
+        self.instruments = list(instruments)
+
+    def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
+        ctx = ctx or PassContext()
+        records: list[PassRecord] = []
+        for inst in self.instruments:
+            inst.run_begin(model, ctx)
+        self._run_elements(self.pipeline.elements, model, ctx, records, None)
+        for inst in self.instruments:
+            inst.run_end(model, ctx, records)
+        return RunResult(records)
+
+    def _run_elements(self, elements, model, ctx, records, round_) -> bool:
+        changed = False
+        for el in elements:
+            if isinstance(el, Fixpoint):
+                changed |= self._run_fixpoint(el, model, ctx, records)
+            else:
+                changed |= self._run_pass(el, model, ctx, records, round_)
+        return changed
+
+    def _run_fixpoint(self, fp: Fixpoint, model, ctx, records) -> bool:
+        changed = False
+        for i in range(fp.max_iterations):
+            if not self._run_elements(fp.elements, model, ctx, records, i + 1):
+                break
+            changed = True
+        return changed
+
+    def _run_pass(self, p: Pass, model: Model, ctx: PassContext, records, round_) -> bool:
+        for inst in self.instruments:
+            inst.before_pass(p, model, ctx)
+        before = graph_stats(model.graph)
+        start = time.perf_counter()
+        try:
+            result = p.run(model, ctx)
+        except GraphoptError as exc:
+            msg = str(exc)
+            raise type(exc)(msg if msg.startswith(f"pass '{p.name}'") else f"pass '{p.name}': {msg}") from exc
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            raise PassError(f"pass '{p.name}' failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
+        record = PassRecord(
+            name=p.name,
+            pipeline_text=str(p),
+            changed=result.changed,
+            seconds=seconds,
+            before=before,
+            after=graph_stats(model.graph) if result.changed else before,
+            round=round_,
+            stats=result.stats,
+            notes=result.notes,
+        )
+        records.append(record)
+        for inst in self.instruments:
+            inst.after_pass(p, model, ctx, record)
+        return result.changed
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else ""

@@ -1,0 +1,11 @@
+"""Built-in passes, one module per family.  Importing this package registers them."""
+from graphopt.registry import register_pipeline
+
+from passes import cleanup, folding, fusion, shapes  # noqa: F401
+
+register_pipeline(
+    "simplify",
+    "fixpoint{max-iterations=8}(infer-shapes,fold-constants,eliminate-identity,fuse-batchnorm,fuse-gemm,cse,"
+    "eliminate-dead-code)",
+    "the default: shape inference, folding, identity removal, fusion, CSE and DCE to a fixpoint",
+)

@@ -1,0 +1,1 @@
+"""Fusions of adjacent nodes into one."""

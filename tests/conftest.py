@@ -1,0 +1,80 @@
+"""Shared helpers for before/after pass tests.
+
+The pattern, as in LLVM's IR tests: build a small graph with onnx.helper, run
+one pass, then assert on the resulting graph *and* on its numbers in
+onnxruntime against the original.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt import runtime
+from graphopt.context import PassContext
+from graphopt.ir import Model
+
+LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT_MODELS = sorted(LIGHT_DIR.glob("light_*.onnx"))
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: dict[str, np.ndarray] | None = None,
+    opset: int = 17,
+    **kwargs,
+) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()]
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def vi(name: str, shape, dtype=TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def apply(proto: onnx.ModelProto, pipeline: str, ctx: PassContext | None = None):
+    """Run a pipeline on a copy of ``proto``; returns (model, result, new proto)."""
+    model = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    result = graphopt.optimize(model, pipeline, context=ctx)
+    return model, result, model.to_proto()
+
+
+def ort_run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return runtime.run(runtime.session(proto), feeds)
+
+
+def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    return runtime.random_inputs(runtime.session(proto), seed=seed)
+
+
+def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, rel: float = 1e-5, feeds=None) -> None:
+    feeds = feeds if feeds is not None else random_feeds(before)
+    want = ort_run(before, feeds)
+    got = ort_run(after, feeds)
+    assert list(got) == list(want), f"output names changed: {list(want)} -> {list(got)}"
+    for name in want:
+        err = runtime.relative_error(got[name], want[name])
+        assert err <= rel, f"output {name}: relative error {err:g} > {rel:g}"
+
+
+def op_types(proto: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in proto.graph.node]
+
+
+@pytest.fixture
+def light_models():
+    if not LIGHT_MODELS:
+        pytest.skip("onnx light models not found")
+    return LIGHT_MODELS
