@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dump-dir", help="save the model after each pass into this folder")
     opt.add_argument("--external-data", action="store_true", default=None,
                      help="write weights to OUTPUT.data (automatic over 2 GB)")
+    opt.add_argument("--calib", metavar="PATH",
+                     help="calibration data for passes that need it: a .npz, a folder of .npy/.npz or images, "
+                          "or random:N")
+    opt.add_argument("--calib-preprocess", metavar="SPEC",
+                     help="how images become inputs: a preset (imagenet, raw) and/or key=value items, e.g. "
+                          "'resize=224x224,fit=crop,scale=255,mean=0.485;0.456;0.406,std=0.229;0.224;0.225,"
+                          "layout=NCHW,channels=RGB'")
+    opt.add_argument("--calib-samples", type=int, metavar="N", help="use at most the first N calibration samples")
     opt.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
     sub.add_parser("passes", help="list registered passes, their options and named pipelines").add_argument(
@@ -114,9 +122,12 @@ def cmd_opt(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             run_opts[key.replace("_", "-")] = value
-    if args.pipeline and config and config.pipeline:
+    if args.pipeline is not None and config and config.pipeline:
         raise UsageError("give the pipeline with -p or in --config, not both")
-    pipeline = parse(args.pipeline) if args.pipeline else (config.pipeline if config and config.pipeline else None)
+    # An explicit but empty -p is an error ("pipeline is empty"), not the default.
+    pipeline = (
+        parse(args.pipeline) if args.pipeline is not None else (config.pipeline if config and config.pipeline else None)
+    )
     if pipeline is None:
         pipeline = parse(DEFAULT_PIPELINE)
     output = Path(args.output)
@@ -127,6 +138,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
     if tolerance is not None and not tolerance >= 0:
         raise UsageError(f"--tolerance must be >= 0, got {tolerance}")
     input_shapes = parse_input_shapes(args.input_shape)
+    calib = _calib_options(args, run_opts)
     inputs = load_npz(args.inputs, "--inputs") if args.inputs else None
 
     ctx = PassContext(
@@ -146,13 +158,31 @@ def cmd_opt(args: argparse.Namespace) -> int:
         instruments.append(inst.DumpDir(run_opts["dump-dir"]))
     if run_opts.get("time-passes"):
         instruments.append(inst.TimePasses())
+    progress = inst.Progress() if sys.stderr.isatty() and not args.quiet else None
+    if progress:
+        instruments.append(progress)
 
     start = time.perf_counter()
     model = load(args.input)
+    _check_against_model(model, output, input_shapes, inputs)
+    if calib is not None:  # validated against the model's inputs before any pass runs
+        from graphopt.calibration import open_reader
+
+        ctx.calibration = open_reader(calib["spec"], model, input_shapes=input_shapes, preprocess=calib["preprocess"],
+                                      max_samples=calib["samples"], seed=ctx.seed, quiet=args.quiet, log=ctx.log)
+    if run_opts.get("verify-each") and inputs is None:
+        _check_random_input_sizes(model, input_shapes)
     report_path = run_opts.get("report")
     before = summarize(model) if report_path else None
-    result = PassManager(pipeline, instruments).run(model, ctx)
-    save(model, output, external_data=run_opts.get("external-data"), protect=[args.input])
+    try:
+        result = PassManager(pipeline, instruments).run(model, ctx)
+    finally:
+        if progress:
+            progress.close()
+    try:
+        save(model, output, external_data=run_opts.get("external-data"), protect=[args.input])
+    except OSError as exc:  # permission denied, disk full, ...: save leaves no partial file
+        raise UsageError(f"-o {output}: cannot write ({exc.strerror or exc})") from None
     seconds = time.perf_counter() - start
     if report_path:
         after = summarize(model)
@@ -166,7 +196,10 @@ def cmd_opt(args: argparse.Namespace) -> int:
             "passes": [r.as_dict() for r in result.records],
             "model": {"before": _model_totals(before, args.input), "after": _model_totals(after, output)},
         }
-        write_json_atomic(Path(report_path), report)
+        try:
+            write_json_atomic(Path(report_path), report)
+        except OSError as exc:
+            raise UsageError(f"--report {report_path}: cannot write ({exc.strerror or exc})") from None
     if not args.quiet:
         nodes_before = result.records[0].before.nodes if result.records else None
         nodes_after = result.records[-1].after.nodes if result.records else None
@@ -252,6 +285,76 @@ def _check_output_path(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: output folder '{parent}' does not exist")
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder")
+
+
+def _check_against_model(
+    model: Any, output: Path, input_shapes: dict[str, Any], inputs: dict[str, Any] | None
+) -> None:
+    """Checks that need the model: input names given on the command line exist, and
+    the output does not land on one of the input's external-data files."""
+    from graphopt.ir import ExternalValues, iter_graphs
+
+    names = [t.name for t in model.graph.inputs]
+    for flag, given in (("--input-shape", input_shapes), ("--inputs", inputs or {})):
+        for name in given:
+            if name not in names:
+                raise UsageError(
+                    f"{flag}: '{name}' is not an input of the model (inputs: {', '.join(names) or 'none'})"
+                )
+    for t in model.graph.inputs:
+        pinned = input_shapes.get(t.name)
+        if pinned is None or t.shape is None:
+            continue
+        declared = [d if isinstance(d, int) and d >= 0 else "?" for d in t.shape]
+        if len(pinned) != len(declared) or any(d != "?" and d != p for d, p in zip(declared, pinned)):
+            shown = "x".join(str(d) for d in declared) or "a scalar"
+            raise UsageError(
+                f"--input-shape {t.name}={'x'.join(map(str, pinned))}: the model declares {t.name} as {shown}"
+            )
+    target = output.resolve()
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if isinstance(values, ExternalValues) and values.path == target:
+                raise UsageError(f"-o {output}: refusing to overwrite the input model's external data")
+
+
+# --verify-each makes random inputs; beyond this many elements per input it
+# would run out of memory (exit 1) instead of saying what to do.
+MAX_RANDOM_INPUT_ELEMENTS = 2**30
+
+
+def _check_random_input_sizes(model: Any, input_shapes: dict[str, list[int]]) -> None:
+    import onnx_graphsurgeon as gs
+
+    for t in model.graph.inputs:
+        if not isinstance(t, gs.Variable) or t.shape is None:
+            continue
+        shape = input_shapes.get(t.name) or [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
+        n = 1
+        for d in shape:
+            n *= d
+        if n > MAX_RANDOM_INPUT_ELEMENTS:
+            raise UsageError(
+                f"--verify-each: input '{t.name}' has shape {list(shape)} ({n} elements), too big for random "
+                f"inputs; pin it with --input-shape {t.name}=... or give --inputs"
+            )
+
+
+def _calib_options(args: argparse.Namespace, run_opts: dict[str, Any]) -> dict[str, Any] | None:
+    """--calib, --calib-preprocess, --calib-samples (or the same names under [run]),
+    checked as far as they can be without the model."""
+    from graphopt.calibration import check_spec
+
+    spec = args.calib if args.calib is not None else run_opts.get("calib")
+    preprocess = args.calib_preprocess if args.calib_preprocess is not None else run_opts.get("calib-preprocess")
+    samples = args.calib_samples if args.calib_samples is not None else run_opts.get("calib-samples")
+    if spec is None:
+        if preprocess is not None or samples is not None:
+            raise UsageError("--calib-preprocess and --calib-samples need --calib")
+        return None
+    check_spec(str(spec), preprocess, samples)
+    return {"spec": str(spec), "preprocess": preprocess, "samples": samples}
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, list[int]]:

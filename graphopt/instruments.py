@@ -136,3 +136,35 @@ class DumpDir(Instrument):
 def _first(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[0][:300] if lines else type(exc).__name__
+
+
+class Progress(Instrument):
+    """A live status line on a terminal: which pass runs, and how many have run.
+
+    Only used when stderr is a terminal, so logs and CI output stay clean.
+    """
+
+    def __init__(self) -> None:
+        self._status = None
+        self._count = 0
+
+    def run_begin(self, model, ctx) -> None:
+        from rich.console import Console
+
+        self._status = Console(stderr=True).status("graphopt: starting")
+        self._status.start()
+
+    def before_pass(self, p, model, ctx) -> None:
+        if self._status is not None:
+            self._status.update(f"graphopt: running {p} ({self._count} passes done, {len(model.graph.nodes)} nodes)")
+
+    def after_pass(self, p, model, ctx, record) -> None:
+        self._count += 1
+
+    def run_end(self, model, ctx, records) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -205,6 +206,10 @@ def _is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
+def _has_external(proto: onnx.ModelProto) -> bool:
+    return any(_is_external(t) for t in iter_tensor_protos(proto.graph))
+
+
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     yield graph
     for node in graph.nodes:
@@ -249,8 +254,11 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelError(f"{path}: not a valid ONNX model (no graph or no opset import)")
     _check_tensors(proto, path)
+    _check_value_infos(proto.graph, path)
     try:
-        onnx.checker.check_model(proto)
+        # By path, so the checker looks for external data next to the model
+        # (with a proto it would look in the current directory).
+        onnx.checker.check_model(str(path) if _has_external(proto) else proto)
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{path}: invalid model: {_checker_message(exc)}") from None
     except Exception as exc:
@@ -271,8 +279,11 @@ def load(path: str | os.PathLike) -> Model:
 def _checker_message(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     # The checker appends a "==> Context: ..." line that names the node; keep both.
-    main = lines[0] if lines else "checker failed"
     ctx = next((ln for ln in lines if ln.startswith("==> Context")), "")
+    body = [ln for ln in lines if not ln.startswith("==> Context")]
+    # Some messages continue over lines ("... input 'x' of node:\nname: n8 OpType:
+    # Conv\nis not output of any previous nodes."): join them into one.
+    main = " ".join(body) if body and body[0].endswith(":") else (body[0] if body else "checker failed")
     msg = main + (f" ({ctx[4:].strip()})" if ctx else "")
     return msg if len(msg) < 400 else msg[:397] + "..."
 
@@ -291,6 +302,29 @@ def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from iter_tensor_protos(sub)
 
 
+_VALID_DTYPES = set(onnx.TensorProto.DataType.values())
+
+
+def _check_value_infos(graph: onnx.GraphProto, path: Path) -> None:
+    """Declared types of inputs, outputs and value_info: the checker lets a
+    negative dim or an unknown element type through, and a pass or the
+    verifier would then fail on the input's fault."""
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        if tt.elem_type not in _VALID_DTYPES:
+            raise ModelError(f"{path}: value '{vi.name}' has unknown element type {tt.elem_type}")
+        if tt.HasField("shape") and any(d.HasField("dim_value") and d.dim_value < 0 for d in tt.shape.dim):
+            raise ModelError(f"{path}: value '{vi.name}' has a negative dimension")
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _check_value_infos(attr.g, path)
+            for sub in attr.graphs:
+                _check_value_infos(sub, path)
+
+
 def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
     """Catch truncated or inconsistent weights before any pass trips over them."""
     base = path.resolve().parent
@@ -298,14 +332,28 @@ def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
         if any(d < 0 for d in tensor.dims):
             raise ModelError(f"{path}: tensor '{tensor.name}' has a negative dimension")
         if tensor.data_type == onnx.TensorProto.UNDEFINED or tensor.data_type not in _DTYPE_BITS:
-            if tensor.data_type in (onnx.TensorProto.STRING,):
+            if tensor.data_type == onnx.TensorProto.STRING:
+                if not _is_external(tensor) and len(tensor.string_data) != math.prod(tensor.dims):
+                    raise ModelError(
+                        f"{path}: tensor '{tensor.name}' holds {len(tensor.string_data)} strings, "
+                        f"its shape needs {math.prod(tensor.dims)}"
+                    )
                 continue
             raise ModelError(f"{path}: tensor '{tensor.name}' has unknown data type {tensor.data_type}")
-        nbits = _DTYPE_BITS[tensor.data_type] * int(np.prod(tensor.dims, dtype=np.int64) if tensor.dims else 1)
+        numel = math.prod(tensor.dims)  # exact: np.prod would wrap around on huge dims
+        nbits = _DTYPE_BITS[tensor.data_type] * numel
         nbytes = (nbits + 7) // 8
         if _is_external(tensor):
-            info = onnx.external_data_helper.ExternalDataInfo(tensor)
-            file = resolve_external_path(base, info.location, tensor.name) if info.location else None
+            try:
+                info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            except (ValueError, TypeError) as exc:
+                raise ModelError(
+                    f"{path}: tensor '{tensor.name}': bad external data entry ({_one_line(exc)})"
+                ) from None
+            try:
+                file = resolve_external_path(base, info.location, tensor.name) if info.location else None
+            except ModelError as exc:
+                raise ModelError(f"{path}: {exc}") from None
             if file is None:
                 raise ModelError(f"{path}: tensor '{tensor.name}' has external data with no location")
             if not file.is_file():
@@ -317,10 +365,21 @@ def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
                     f"{path}: tensor '{tensor.name}': external data file '{info.location}' is truncated "
                     f"or does not match the tensor's shape"
                 )
-        elif tensor.HasField("raw_data") and len(tensor.raw_data) != nbytes:
-            raise ModelError(
-                f"{path}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs {nbytes}"
-            )
+        elif tensor.HasField("raw_data"):
+            if len(tensor.raw_data) != nbytes:
+                raise ModelError(
+                    f"{path}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape needs {nbytes}"
+                )
+        else:
+            field, per = _TYPED_FIELDS.get(tensor.data_type, ("int32_data", 1))
+            bits = _DTYPE_BITS[tensor.data_type]
+            # 4- and 2-bit types are packed into int32_data like raw bytes.
+            want = numel * per if field != "int32_data" or bits >= 8 else (numel * bits + 7) // 8
+            have = len(getattr(tensor, field))
+            if have != want:
+                raise ModelError(
+                    f"{path}: tensor '{tensor.name}' holds {have} values in {field}, its shape needs {want}"
+                )
 
 
 _DTYPE_BITS = {
@@ -339,6 +398,17 @@ _DTYPE_BITS = {
     onnx.TensorProto.COMPLEX64: 64,
     onnx.TensorProto.COMPLEX128: 128,
     onnx.TensorProto.BFLOAT16: 16,
+}
+# Where a tensor without raw_data keeps its values (field, numbers per element);
+# every other type uses int32_data.
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1),
 }
 for _name, _bits in (
     ("FLOAT8E4M3FN", 8), ("FLOAT8E4M3FNUZ", 8), ("FLOAT8E5M2", 8), ("FLOAT8E5M2FNUZ", 8),
@@ -386,13 +456,15 @@ def save(
         if external_data:
             tmp_data = _tmp_beside(data_path)
             tmp_files.append(tmp_data)
-            with open(tmp_data, "wb") as out:
+            # Unbuffered: tell() is then the file's real offset, which the
+            # in-kernel copies of _write_external rely on.
+            with open(tmp_data, "wb", buffering=0) as out:
                 for tensor in tensors:
-                    _write_external(tensor, out, data_name, sources.get(tensor.name) if _is_external(tensor) else None)
+                    _write_external(tensor, out, data_name, _source_of(model, tensor))
         else:
             for tensor in iter_tensor_protos(proto.graph):
-                src = sources.get(tensor.name)
-                if src is not None and _is_external(tensor):
+                src = _source_of(model, tensor)
+                if src is not None:
                     _inline(tensor, src)
         data = proto.SerializeToString(deterministic=True)
         if len(data) >= TWO_GB:
@@ -433,19 +505,70 @@ def _external_sources(model: Model) -> dict[str, ExternalValues]:
     return out
 
 
+def _source_of(model: Model, tensor: onnx.TensorProto) -> ExternalValues | None:
+    """Where an exported tensor's bytes are, when they are still in the input's
+    external files.  Exported protos keep their source references, so the proto
+    itself says where (this also covers Constant-node attribute tensors, which
+    :func:`_external_sources` does not see, and same-named tensors in subgraphs)."""
+    if not _is_external(tensor):
+        return None
+    if model.source_dir is None:
+        raise ModelError(f"tensor '{tensor.name}': external data but no model folder to read it from")
+    return ExternalValues(tensor, model.source_dir)
+
+
+def _copy_external(src: ExternalValues, out) -> None:
+    """Append ``src``'s bytes to ``out`` (an unbuffered file): in the kernel with
+    copy_file_range where the OS allows (no user-space buffer; a reflink on
+    copy-on-write filesystems), else through bounded chunks.  Either way memory
+    stays O(chunk), never O(tensor)."""
+    length = src.length if src.length is not None else src.path.stat().st_size - src.offset
+    copy_range = getattr(os, "copy_file_range", None)
+    done = 0
+    if copy_range is not None:
+        with open(src.path, "rb", buffering=0) as f:
+            try:
+                while done < length:
+                    n = copy_range(f.fileno(), out.fileno(), min(length - done, 1 << 30), src.offset + done)
+                    if n == 0:
+                        raise ModelError(f"tensor '{src.tensor.name}': external data file '{src.path.name}' is truncated")
+                    done += n
+            except OSError:  # EXDEV, ENOSYS, EINVAL...: fall back to copying through memory
+                pass
+    if done < length:
+        with open(src.path, "rb") as f:
+            f.seek(src.offset + done)
+            while done < length:
+                chunk = f.read(min(_COPY_CHUNK, length - done))
+                if not chunk:
+                    raise ModelError(f"tensor '{src.tensor.name}': external data file '{src.path.name}' is truncated")
+                _write_all(out, chunk)
+                done += len(chunk)
+
+
+def _write_all(out, data: bytes) -> None:
+    """``out.write`` on an unbuffered file may write less than asked (always,
+    on Linux, past 2 GiB in one call); loop until everything is out."""
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        if not n:
+            raise OSError(f"cannot write to {getattr(out, 'name', 'the data file')}")
+        view = view[n:]
+
+
 def _write_external(tensor: onnx.TensorProto, out, location: str, src: ExternalValues | None) -> None:
     pad = (-out.tell()) % EXTERNAL_ALIGN
     if pad:
-        out.write(b"\0" * pad)
+        _write_all(out, b"\0" * pad)
     offset = out.tell()
     if src is not None:
-        for chunk in src.iter_chunks():
-            out.write(chunk)
+        _copy_external(src, out)
     else:
         if not tensor.HasField("raw_data"):
             array = onnx.numpy_helper.to_array(tensor)
             tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
-        out.write(tensor.raw_data)
+        _write_all(out, tensor.raw_data)
         tensor.ClearField("raw_data")
     length = out.tell() - offset
     del tensor.external_data[:]

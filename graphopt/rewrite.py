@@ -50,3 +50,53 @@ def remove_node(graph: gs.Graph, node: gs.Node) -> None:
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.remove(node)
+
+
+def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The tensor's shape when every dimension is a known integer, else None.
+
+    Rewrites that compare shapes must not guess: a symbolic or missing dim
+    could be anything at run time.
+    """
+    shape = getattr(tensor, "shape", None)
+    if shape is None:
+        return None
+    dims = tuple(shape)
+    if not all(isinstance(d, (int,)) and not isinstance(d, bool) and d >= 0 for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def as_constant(tensor: gs.Tensor, overridable: "set[str] | frozenset[str]" = frozenset()) -> gs.Constant | None:
+    """The constant behind ``tensor`` (an initializer or a Constant node's
+    ``value``), or None.  Initializers the caller may feed at run time
+    (``overridable``, the model's initializer-inputs) are not constants."""
+    if isinstance(tensor, gs.Constant):
+        return None if tensor.name in overridable else tensor
+    producers = getattr(tensor, "inputs", [])
+    if len(producers) == 1:
+        node = producers[0]
+        if node.op == "Constant" and node.domain in (None, "", "ai.onnx") and len(node.attrs) == 1:
+            value = node.attrs.get("value")
+            if isinstance(value, gs.Constant):
+                return value
+    return None
+
+
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The one node reading ``tensor`` when nothing else (graph outputs
+    included) observes it: only then may a fusion swallow the tensor."""
+    if is_graph_output(graph, tensor) or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def fresh_name(taken: set[str], base: str) -> str:
+    """A tensor name not in ``taken`` (which is updated), derived from ``base``."""
+    name = base
+    i = 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name

@@ -17,11 +17,18 @@ from graphopt.errors import UsageError
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
-def session(proto: onnx.ModelProto | bytes, *, source_dir: Path | None = None, optimize: bool = True, threads: int = 0):
+def session(
+    proto: onnx.ModelProto | bytes,
+    *,
+    source_dir: Path | None = None,
+    optimize: bool = True,
+    threads: int = 0,
+    log_severity: int = 3,
+):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = log_severity
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:

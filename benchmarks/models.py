@@ -1,0 +1,192 @@
+"""Test models shared by the benchmarks, and seeded sample inputs for them.
+
+Two families:
+
+* the nine ``light_*`` models shipped with onnx's backend test data (weights are
+  ``ConstantOfShape`` nodes, so the files are tiny but the graphs are real CNNs);
+* the PP-OCRv4 det/rec and PP-OCR mobile cls models from the PyPI wheel of
+  ``rapidocr-onnxruntime`` (real exported weights, dynamic input shapes).
+
+The wheel is fetched once with ``pip download`` into a cache folder outside the
+repository (``$GRAPHOPT_BENCH_CACHE``, default ``~/.cache/graphopt-bench``) and
+unpacked there; later calls reuse it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+RAPIDOCR_PACKAGE = "rapidocr-onnxruntime"
+# Wheel member name -> short model name.
+PPOCR_MEMBERS = {
+    "ch_PP-OCRv4_det_infer.onnx": "ppocr_det",
+    "ch_PP-OCRv4_rec_infer.onnx": "ppocr_rec",
+    "ch_ppocr_mobile_v2.0_cls_infer.onnx": "ppocr_cls",
+}
+# Sizes the OCR pipeline feeds: det at a 640x640 page, rec at a 48-high text
+# line (320 wide), cls at 48x192.  Keyed by model name, then input name.
+PINNED_SHAPES: dict[str, dict[str, list[int]]] = {
+    "ppocr_det": {"x": [1, 3, 640, 640]},
+    "ppocr_rec": {"x": [1, 3, 48, 320]},
+    "ppocr_cls": {"x": [1, 3, 48, 192]},
+}
+
+
+def cache_dir() -> Path:
+    """Where downloaded wheels and unpacked models live (created on demand)."""
+    root = Path(os.environ.get("GRAPHOPT_BENCH_CACHE", Path.home() / ".cache" / "graphopt-bench"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def light_models() -> dict[str, Path]:
+    """The onnx backend-test ``light`` models, by name without the ``light_`` prefix."""
+    folder = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    return {p.stem.removeprefix("light_"): p for p in sorted(folder.glob("light_*.onnx"))}
+
+
+def _rapidocr_wheel() -> Path:
+    root = cache_dir()
+    wheels = sorted(root.glob("rapidocr_onnxruntime-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", RAPIDOCR_PACKAGE, "--no-deps", "--only-binary=:all:",
+             "-q", "-d", str(root)],
+            check=True,
+        )
+        wheels = sorted(root.glob("rapidocr_onnxruntime-*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download {RAPIDOCR_PACKAGE} produced no wheel in {root}")
+    return wheels[-1]
+
+
+def ppocr_models() -> dict[str, Path]:
+    """PP-OCR det/rec/cls models from the rapidocr-onnxruntime wheel (downloaded once)."""
+    wheel = _rapidocr_wheel()
+    dest = cache_dir() / wheel.stem
+    out: dict[str, Path] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            name = PPOCR_MEMBERS.get(Path(member).name)
+            if name is None:
+                continue
+            target = dest / Path(member).name
+            info = zf.getinfo(member)
+            if not target.exists() or target.stat().st_size != info.file_size:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(".part")
+                tmp.write_bytes(zf.read(member))
+                tmp.replace(target)
+            out[name] = target
+    missing = set(PPOCR_MEMBERS.values()) - set(out)
+    if missing:
+        raise RuntimeError(f"{wheel.name} lacks models: {', '.join(sorted(missing))}")
+    return dict(sorted(out.items(), key=lambda kv: list(PPOCR_MEMBERS.values()).index(kv[0])))
+
+
+def all_models() -> dict[str, Path]:
+    """Light models first, then PP-OCR models: the 12 models of the benchmarks."""
+    return {**light_models(), **ppocr_models()}
+
+
+def select(names: str | None) -> dict[str, Path]:
+    """All models, or those named in a comma-separated list (for ``--models``)."""
+    models = all_models()
+    if not names:
+        return models
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in models]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(models)}")
+    return {n: models[n] for n in wanted}
+
+
+def input_shapes(name: str, path: str | os.PathLike) -> dict[str, list[int]]:
+    """Concrete shape of every real graph input: pinned sizes where we know them,
+    declared dims otherwise, and 1 for any remaining symbolic dim."""
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    pinned = PINNED_SHAPES.get(name, {})
+    shapes: dict[str, list[int]] = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        if vi.name in pinned:
+            shapes[vi.name] = list(pinned[vi.name])
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims]
+    return shapes
+
+
+def sample_inputs(name: str, path: str | os.PathLike, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs for a model (standard normal floats, small ints)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in proto.graph.input}
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for input_name, shape in input_shapes(name, path).items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(types[input_name])
+        if np.issubdtype(dtype, np.floating):
+            out[input_name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            out[input_name] = rng.random(shape) > 0.5
+        else:
+            out[input_name] = rng.integers(0, 4, size=shape).astype(dtype)
+    return out
+
+
+def shape_flags(name: str, path: str | os.PathLike) -> list[str]:
+    """``--input-shape NAME=AxB`` flags for the pinned inputs of a model."""
+    flags: list[str] = []
+    for input_name, shape in PINNED_SHAPES.get(name, {}).items():
+        flags += ["--input-shape", f"{input_name}={'x'.join(map(str, shape))}"]
+    return flags
+
+
+def run_onnxruntime(
+    path: str | os.PathLike, inputs: Mapping[str, np.ndarray], optimize: bool = False
+) -> list[np.ndarray]:
+    """Outputs of a model file in onnxruntime on CPU.  Graph optimizations are off
+    unless ``optimize``, so what is compared is the model, not onnxruntime's rewrites."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {i.name: inputs[i.name] for i in sess.get_inputs()}
+    return sess.run(None, feed)
+
+
+def node_count(path: str | os.PathLike) -> int:
+    """Nodes of the main graph (what optimizers report as 'nodes')."""
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Model file plus its external-data files, if any."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    total = path.stat().st_size
+    seen: set[str] = set()
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                f = path.parent / entry.value
+                total += f.stat().st_size if f.exists() else 0
+    return total
+
+
+if __name__ == "__main__":
+    for model_name, model_path in all_models().items():
+        print(f"{model_name:14s} {model_path}  inputs={input_shapes(model_name, model_path)}")
