@@ -48,7 +48,7 @@ def optimize_file(
 
 def inspect(model: Model | str | os.PathLike) -> dict[str, Any]:
     """Inputs, outputs, op histogram, parameters and MACs of a model."""
-    from graphopt.inspect import summarize
+    from graphopt.summary import summarize
 
     if not isinstance(model, Model):
         model = load(model)

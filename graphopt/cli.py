@@ -109,7 +109,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
     from graphopt import instruments as inst
     from graphopt.api import DEFAULT_PIPELINE
     from graphopt.context import PassContext
-    from graphopt.inspect import summarize
+    from graphopt.summary import summarize
     from graphopt.ir import load, save
     from graphopt.manager import PassManager
     from graphopt.pipeline import load_config, parse
@@ -262,7 +262,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from graphopt.inspect import format_summary, summarize
+    from graphopt.summary import format_summary, summarize
     from graphopt.ir import load
 
     summary = summarize(load(args.model))

@@ -11,7 +11,7 @@ import onnx
 
 from graphopt import runtime
 from graphopt.context import PassContext
-from graphopt.errors import UsageError, VerificationError
+from graphopt.errors import ModelError, UsageError, VerificationError
 from graphopt.ir import Model, save
 from graphopt.manager import Instrument, PassRecord
 from graphopt.pass_base import Pass
@@ -62,8 +62,9 @@ class VerifyEach(Instrument):
             return
         proto = model.to_proto()
         try:
-            onnx.checker.check_model(proto)
-            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+            checkable = _without_external_weights(proto)
+            onnx.checker.check_model(checkable)
+            onnx.shape_inference.infer_shapes(checkable, check_type=True, strict_mode=True, data_prop=True)
         except Exception as exc:
             raise VerificationError(f"pass '{p.name}': output fails the onnx checker: {_first(exc)}") from None
         outputs = self._evaluate(model, ctx, f"the output of pass '{p.name}'", proto)
@@ -81,21 +82,30 @@ class VerifyEach(Instrument):
         self.reference = outputs
 
     def _evaluate(self, model: Model, ctx: PassContext, what: str, proto=None) -> dict[str, np.ndarray]:
+        # A failure on the input model is the input's fault (exit 3), not a pass's.
+        error = ModelError if proto is None else VerificationError
         try:
             sess = runtime.session(proto or model.to_proto(), source_dir=model.source_dir)
         except Exception as exc:
-            raise VerificationError(f"onnxruntime cannot load {what}: {_first(exc)}") from None
+            raise error(f"onnxruntime cannot load {what}: {_first(exc)}") from None
         if self.inputs is None:
             self.inputs = dict(ctx.inputs) if ctx.inputs else runtime.random_inputs(
                 sess, seed=ctx.seed, shapes=ctx.input_shapes
             )
-        missing = [i.name for i in sess.get_inputs() if i.name not in self.inputs]
-        if missing:
-            raise UsageError(f"--inputs: no data for model input '{missing[0]}'")
+        for inp in sess.get_inputs():
+            if inp.name not in self.inputs:
+                raise UsageError(f"--inputs: no data for model input '{inp.name}'")
+            got = np.shape(self.inputs[inp.name])
+            want = inp.shape
+            if len(got) != len(want) or any(isinstance(w, int) and w >= 0 and w != g for w, g in zip(want, got)):
+                shown = "x".join(str(w) if isinstance(w, int) else "?" for w in want)
+                raise UsageError(
+                    f"--inputs: input '{inp.name}' has shape {'x'.join(map(str, got))}, the model expects {shown}"
+                )
         try:
             return runtime.run(sess, self.inputs)
         except Exception as exc:
-            raise VerificationError(f"onnxruntime cannot run {what}: {_first(exc)}") from None
+            raise error(f"onnxruntime cannot run {what}: {_first(exc)}") from None
 
 
 class PrintIRAfter(Instrument):
@@ -131,6 +141,27 @@ class DumpDir(Instrument):
         self.count += 1
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", p.name)
         save(model, self.dir / f"{self.count:03d}-{name}.onnx")
+
+
+def _without_external_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy the checker can read from any folder: weights stored in external
+    files become typed graph inputs (the checker would look for their files in
+    the current directory; their values do not matter to it)."""
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    names = {t.name for t in external}
+    kept = [t for t in out.graph.initializer if t.name not in names]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    listed = {i.name for i in out.graph.input}
+    out.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external if t.name not in listed
+    )
+    out.ir_version = max(out.ir_version, 4)
+    return out
 
 
 def _first(exc: BaseException) -> str:

@@ -23,10 +23,14 @@ def session(
     source_dir: Path | None = None,
     optimize: bool = True,
     threads: int = 0,
-    log_severity: int = 3,
+    log_severity: int = 4,
 ):
+    """An onnxruntime CPU session; its own log stays quiet (4 = fatal only)
+    because graphopt reports failures itself, in one line."""
     import onnxruntime as ort
 
+    if log_severity >= 4:
+        ort.set_default_logger_severity(4)
     so = ort.SessionOptions()
     so.log_severity_level = log_severity
     if not optimize:

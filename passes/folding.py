@@ -577,7 +577,7 @@ class FoldConstants(Pass):
         stats.sessions += 1
         try:
             proto = build_eval_model(model, nodes, wanted, known)
-            sess = runtime.session(proto, source_dir=model.source_dir, optimize=False, log_severity=4)
+            sess = runtime.session(proto, source_dir=model.source_dir, optimize=False)
             outs = sess.run(wanted, {})
         except (KeyboardInterrupt, MemoryError):
             raise

@@ -480,11 +480,6 @@ def test_round_trip_subgraphs_and_sparse_initializers(tmp_path):
         assert_same_outputs(proto, got, rel=0, feeds=feeds)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graphopt/instruments.py VerifyEach.after_pass runs onnx.checker.check_model on an in-memory "
-    "proto, so the checker looks for external data in the current directory, not the model's folder",
-)
 def test_verify_each_with_external_data_from_another_directory(tmp_path, monkeypatch):
     from graphopt.cli import main
 
