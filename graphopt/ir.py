@@ -20,6 +20,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
+
+# gs logs warnings on stdout (e.g. about attributes it skips); graphopt reports
+# what matters itself, in one line.
+G_LOGGER.severity = G_LOGGER.ERROR
 
 from graphopt.errors import ModelError, UsageError
 
@@ -104,6 +109,9 @@ class ModelInfo:
     # Non-empty input/output value_info of the original graph by position, so a
     # graph whose outputs became constants keeps its declared types and shapes.
     input_order: list[str] = dataclasses.field(default_factory=list)
+    # Serialized TypeProtos of values that are not plain tensors (optionals,
+    # maps, nested sequences), which gs cannot write back itself.
+    value_types: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -129,9 +137,10 @@ class Model:
             metadata_props=[(p.key, p.value) for p in proto.metadata_props],
             initializer_inputs=[i.name for i in proto.graph.input if i.name in init_names],
             input_order=[i.name for i in proto.graph.input],
+            value_types=_non_tensor_types(proto.graph),
         )
         try:
-            graph = gs.import_onnx(proto)
+            graph = gs.import_onnx(_encode_type_attributes(proto))
         except Exception as exc:  # gs raises assorted errors on malformed graphs
             raise ModelError(f"cannot import graph: {_one_line(exc)}") from None
         model = cls(graph=graph, info=info, source_dir=source_dir)
@@ -144,6 +153,16 @@ class Model:
         opsets = dict(self.info.opset_imports)
         for domain, version in _used_domains(graph).items():
             opsets.setdefault(domain, version)
+        # gs only writes tensor, sequence and sparse types: hide the others
+        # during export and put the recorded types back afterwards.
+        hidden = [
+            (t, t.dtype)
+            for g in iter_graphs(graph)
+            for t in g.tensors().values()
+            if isinstance(t, gs.Variable) and getattr(t, "type", "tensor_type") not in _GS_TYPES
+        ]
+        for t, _ in hidden:
+            t.dtype = None
         try:
             proto = gs.export_onnx(
                 graph,
@@ -152,6 +171,12 @@ class Model:
             )
         except Exception as exc:
             raise ModelError(f"cannot export graph: {_one_line(exc)}") from None
+        finally:
+            for t, dtype in hidden:
+                t.dtype = dtype
+        if self.info.value_types:
+            _restore_value_types(proto.graph, self.info.value_types)
+        _decode_type_attributes(proto.graph)
         proto.ir_version = self.info.ir_version
         proto.producer_name = self.info.producer_name
         proto.producer_version = self.info.producer_version
@@ -184,12 +209,15 @@ class Model:
                         tensor._values = ExternalValues(proto, self.source_dir)
 
     def _restore_initializer_inputs(self, proto: onnx.ModelProto) -> None:
-        if not self.info.initializer_inputs:
+        inits = {t.name: t for t in proto.graph.initializer}
+        # Before IR v4 every initializer must also be a graph input, including
+        # the ones passes create.
+        names = list(inits) if self.info.ir_version < 4 else self.info.initializer_inputs
+        if not names:
             return
         listed = {i.name for i in proto.graph.input}
-        inits = {t.name: t for t in proto.graph.initializer}
         extra = []
-        for name in self.info.initializer_inputs:
+        for name in names:
             if name in inits and name not in listed:
                 t = inits[name]
                 extra.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
@@ -200,6 +228,84 @@ class Model:
         inputs.sort(key=lambda vi: order.get(vi.name, len(order)))
         del proto.graph.input[:]
         proto.graph.input.extend(inputs)
+
+
+_GS_TYPES = ("tensor_type", "sequence_type", "sparse_tensor_type", None)
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graph_protos(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_protos(sub)
+
+
+def _plain(tp: onnx.TypeProto) -> bool:
+    """Types gs round-trips faithfully: tensors, sparse tensors, sequences of tensors."""
+    if tp.HasField("tensor_type") or tp.HasField("sparse_tensor_type"):
+        return True
+    return tp.HasField("sequence_type") and tp.sequence_type.elem_type.HasField("tensor_type")
+
+
+def _non_tensor_types(graph: onnx.GraphProto) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for g in _graph_protos(graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.ByteSize() and not _plain(vi.type):
+                out[vi.name] = vi.type.SerializeToString()
+    return out
+
+
+def _restore_value_types(graph: onnx.GraphProto, types: dict[str, bytes]) -> None:
+    for g in _graph_protos(graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.name in types and not vi.type.HasField("tensor_type"):
+                vi.type.CopyFrom(onnx.TypeProto.FromString(types[vi.name]))
+
+
+_TYPE_ATTR_PREFIX = "__graphopt_type__"
+
+
+def _encode_type_attributes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """gs drops TYPE_PROTO attributes (Optional's ``type``): carry them through
+    the import as hex strings under a reserved name, decoded again on export."""
+    nodes = [
+        (node, attr)
+        for g in _graph_protos(proto.graph)
+        for node in g.node
+        for attr in node.attribute
+        if attr.type == onnx.AttributeProto.TYPE_PROTO
+    ]
+    if not nodes:
+        return proto
+    proto = copy_proto(proto)
+    for g in _graph_protos(proto.graph):
+        for node in g.node:
+            for i, attr in enumerate(node.attribute):
+                if attr.type == onnx.AttributeProto.TYPE_PROTO:
+                    encoded = onnx.helper.make_attribute(
+                        _TYPE_ATTR_PREFIX + attr.name, attr.tp.SerializeToString().hex()
+                    )
+                    node.attribute[i].CopyFrom(encoded)
+    return proto
+
+
+def _decode_type_attributes(graph: onnx.GraphProto) -> None:
+    for g in _graph_protos(graph):
+        for node in g.node:
+            for i, attr in enumerate(node.attribute):
+                if attr.name.startswith(_TYPE_ATTR_PREFIX):
+                    tp = onnx.TypeProto.FromString(bytes.fromhex(attr.s.decode()))
+                    node.attribute[i].CopyFrom(onnx.helper.make_attribute(attr.name[len(_TYPE_ATTR_PREFIX):], tp))
+
+
+def copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -306,17 +412,20 @@ _VALID_DTYPES = set(onnx.TensorProto.DataType.values())
 
 
 def _check_value_infos(graph: onnx.GraphProto, path: Path) -> None:
-    """Declared types of inputs, outputs and value_info: the checker lets a
-    negative dim or an unknown element type through, and a pass or the
-    verifier would then fail on the input's fault."""
+    """Declared types of inputs, outputs and value_info: the checker lets an
+    unknown element type through, and a pass or the verifier would then fail
+    on the input's fault.  Negative dims are normalized to unknown ones."""
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if not vi.type.HasField("tensor_type"):
             continue
         tt = vi.type.tensor_type
         if tt.elem_type not in _VALID_DTYPES:
             raise ModelError(f"{path}: value '{vi.name}' has unknown element type {tt.elem_type}")
-        if tt.HasField("shape") and any(d.HasField("dim_value") and d.dim_value < 0 for d in tt.shape.dim):
-            raise ModelError(f"{path}: value '{vi.name}' has a negative dimension")
+        if tt.HasField("shape"):
+            for d in tt.shape.dim:
+                # Some exporters (Paddle) write -1 for a dynamic dimension: read it as unknown.
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.Clear()
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
