@@ -47,78 +47,16 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from graphopt.console import progress
 from graphopt.errors import UsageError
-
-T = TypeVar("T")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 ARRAY_EXTENSIONS = frozenset({".npy", ".npz"})
 RANDOM_PREFIX = "random:"
-
-
-# ----------------------------------------------------------------------------------
-# Progress
-# ----------------------------------------------------------------------------------
-_CONSOLE = None
-
-
-def console():
-    """The process-wide ``rich`` console on stderr.  Live displays (the pass
-    manager's status line, calibration bars) must share it to nest instead of
-    overwriting each other."""
-    global _CONSOLE
-    if _CONSOLE is None:
-        from rich.console import Console
-
-        _CONSOLE = Console(stderr=True)
-    return _CONSOLE
-
-
-def progress(
-    iterable: Iterable[T],
-    total: int | None = None,
-    description: str = "calibrating",
-    quiet: bool = False,
-) -> Iterator[T]:
-    """Iterate ``iterable`` with a ``rich`` progress bar on stderr.
-
-    The bar shows only when stderr is a terminal and ``quiet`` is false, so logs
-    and CI output stay clean.  It is removed when the loop ends, breaks, or is
-    interrupted (Ctrl-C propagates as ``KeyboardInterrupt``).
-    """
-    if quiet or not sys.stderr.isatty():
-        yield from iterable
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    shared = console()
-    if getattr(shared, "_live", None) is not None and not hasattr(shared, "_live_stack"):
-        # rich < 14.1 cannot nest live displays: leave the one that is showing alone
-        yield from iterable
-        return
-
-    if total is None:
-        try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    bar = Progress(
-        TextColumn("graphopt: {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=shared,
-        transient=True,
-    )
-    with bar:
-        task = bar.add_task(description, total=total)
-        for item in iterable:
-            yield item
-            bar.advance(task)
 
 
 # ----------------------------------------------------------------------------------
@@ -1154,6 +1092,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = [
-    "CalibrationData", "ImagePreprocess", "InputSpec", "PRESETS", "check_spec", "collect_ranges", "console",
-    "input_specs", "open_reader", "parse_preprocess", "progress",
+    "CalibrationData", "ImagePreprocess", "InputSpec", "PRESETS", "check_spec", "collect_ranges",
+    "input_specs", "open_reader", "parse_preprocess",
 ]

@@ -292,7 +292,7 @@ def _check_against_model(
 ) -> None:
     """Checks that need the model: input names given on the command line exist, and
     the output does not land on one of the input's external-data files."""
-    from graphopt.ir import ExternalValues, iter_graphs
+    from graphopt.ir import refuse_overwriting_inputs
 
     names = [t.name for t in model.graph.inputs]
     for flag, given in (("--input-shape", input_shapes), ("--inputs", inputs or {})):
@@ -311,12 +311,10 @@ def _check_against_model(
             raise UsageError(
                 f"--input-shape {t.name}={'x'.join(map(str, pinned))}: the model declares {t.name} as {shown}"
             )
-    target = output.resolve()
-    for graph in iter_graphs(model.graph):
-        for tensor in graph.tensors().values():
-            values = getattr(tensor, "_values", None)
-            if isinstance(values, ExternalValues) and values.path == target:
-                raise UsageError(f"-o {output}: refusing to overwrite the input model's external data")
+    try:
+        refuse_overwriting_inputs(model, output, [])
+    except UsageError as exc:
+        raise UsageError(f"-o {exc}") from None
 
 
 # --verify-each makes random inputs; beyond this many elements per input it

@@ -180,9 +180,9 @@ class Progress(Instrument):
         self._count = 0
 
     def run_begin(self, model, ctx) -> None:
-        from rich.console import Console
+        from graphopt.console import console
 
-        self._status = Console(stderr=True).status("graphopt: starting")
+        self._status = console().status("graphopt: starting")
         self._status.start()
 
     def before_pass(self, p, model, ctx) -> None:

@@ -121,6 +121,7 @@ class Model:
     graph: gs.Graph
     info: ModelInfo
     source_dir: Path | None = None
+    source_path: Path | None = None
 
     # -- conversion -----------------------------------------------------------------
     @classmethod
@@ -189,8 +190,33 @@ class Model:
         self._restore_initializer_inputs(proto)
         return proto
 
+    def to_analysis_proto(self, inline_limit: int = 4096) -> onnx.ModelProto:
+        """Export for shape inference and other analyses that read only the
+        dims and dtypes of large weights: in-memory constants over
+        ``inline_limit`` bytes are written as data-less stubs, so analysing a
+        model whose weights were folded or fused does not copy every weight."""
+        swapped = []
+        for g in iter_graphs(self.graph):
+            for t in g.tensors().values():
+                if (
+                    isinstance(t, gs.Constant)
+                    and not isinstance(t._values, LazyValues)
+                    and isinstance(t._values, np.ndarray)
+                    and t._values.nbytes > inline_limit
+                ):
+                    swapped.append((t, t._values))
+                    t._values = LazyValues(_stub_tensor(t.name, t._values))
+        try:
+            return self.to_proto()
+        finally:
+            for t, values in swapped:
+                t._values = values
+
     def copy(self) -> "Model":
-        return Model(graph=self.graph.copy(), info=copy.deepcopy(self.info), source_dir=self.source_dir)
+        return Model(
+            graph=self.graph.copy(), info=copy.deepcopy(self.info), source_dir=self.source_dir,
+            source_path=self.source_path,
+        )
 
     # -- helpers ----------------------------------------------------------------------
     def constants(self) -> Iterator[gs.Constant]:
@@ -264,6 +290,18 @@ def _restore_value_types(graph: onnx.GraphProto, types: dict[str, bytes]) -> Non
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.name in types and not vi.type.HasField("tensor_type"):
                 vi.type.CopyFrom(onnx.TypeProto.FromString(types[vi.name]))
+
+
+def _stub_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    """A TensorProto with the dims and dtype of ``values`` and no data (marked
+    external, so no reader mistakes it for an empty tensor)."""
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    t.dims.extend(values.shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value="graphopt-analysis-stub")
+    return t
 
 
 _TYPE_ATTR_PREFIX = "__graphopt_type__"
@@ -377,7 +415,9 @@ def load(path: str | os.PathLike) -> Model:
     path = Path(path)
     proto = load_proto(path)
     try:
-        return Model.from_proto(proto, source_dir=path.resolve().parent)
+        model = Model.from_proto(proto, source_dir=path.resolve().parent)
+        model.source_path = path.resolve()
+        return model
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
 
@@ -545,21 +585,14 @@ def save(
     path = Path(path)
     if not path.parent.exists():
         raise UsageError(f"{path}: output folder '{path.parent}' does not exist")
-    for p in protect:
-        if Path(p).resolve() == path.resolve():
-            raise UsageError(f"{path}: refusing to overwrite the input model")
+    refuse_overwriting_inputs(model, path, protect)
     proto = model.to_proto()
     tensors = [t for t in iter_tensor_protos(proto.graph) if _tensor_nbytes(t) >= EXTERNAL_THRESHOLD]
     total = sum(_tensor_nbytes(t) for t in tensors)
     if external_data is None:
         external_data = total > TWO_GB
-    sources = _external_sources(model)
     data_name = path.name + ".data"
     data_path = path.parent / data_name
-    for p in protect:
-        for src in sources.values():
-            if src.path == data_path.resolve():
-                raise UsageError(f"{data_path}: refusing to overwrite the input model's external data")
     tmp_files: list[Path] = []
     try:
         if external_data:
@@ -590,6 +623,20 @@ def save(
         for tmp in tmp_files:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def refuse_overwriting_inputs(model: Model, path: Path, protect) -> None:
+    """The files a model was read from (and ``protect``) are never written:
+    neither the model file nor the external data it still reads lazily."""
+    model_files = {Path(p).resolve() for p in protect}
+    if model.source_path is not None:
+        model_files.add(model.source_path.resolve())
+    data_files = {src.path for src in _external_sources(model).values()}
+    out, data = path.resolve(), (path.parent / (path.name + ".data")).resolve()
+    if out in model_files:
+        raise UsageError(f"{path}: refusing to overwrite the input model")
+    if out in data_files or data in data_files:
+        raise UsageError(f"{path}: refusing to overwrite the input model's external data")
 
 
 def _tmp_beside(path: Path) -> Path:

@@ -217,6 +217,9 @@ RUN_KEYS = {
     "print-ir-after": list,
     "report": str,
     "external-data": bool,
+    "calib": str,
+    "calib-preprocess": str,
+    "calib-samples": int,
 }
 
 

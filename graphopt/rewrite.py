@@ -45,11 +45,19 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     return True
 
 
-def remove_node(graph: gs.Graph, node: gs.Node) -> None:
-    """Detach ``node`` so the next cleanup drops it."""
-    node.inputs.clear()
-    node.outputs.clear()
-    graph.nodes.remove(node)
+def remove_nodes(graph: gs.Graph, nodes) -> None:
+    """Detach ``nodes`` and drop them from the graph in one sweep.
+
+    By identity: gs nodes compare field by field, so ``list.remove`` per node
+    would make removing many nodes quadratic.
+    """
+    ids = {id(n) for n in nodes}
+    if not ids:
+        return
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes = [n for n in graph.nodes if id(n) not in ids]
 
 
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:

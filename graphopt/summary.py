@@ -19,7 +19,7 @@ from graphopt.stats import graph_stats
 
 
 def _shape_map(model: Model) -> dict[str, list]:
-    proto = model.to_proto()
+    proto = model.to_analysis_proto()
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
@@ -169,7 +169,7 @@ def format_summary(s: dict[str, Any], per_node: bool = False) -> str:
     lines += [f"  {v['name']}: {v['dtype']}{v['shape']}" for v in s["inputs"]]
     lines.append("outputs:")
     lines += [f"  {v['name']}: {v['dtype']}{v['shape']}" for v in s["outputs"]]
-    lines.append(f"opsets: " + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in s["opsets"].items()))
+    lines.append("opsets: " + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in s["opsets"].items()))
     lines.append(f"nodes: {s['nodes']} (with subgraphs: {s['nodes_total']})")
     lines.append(f"parameters: {s['params']:,} ({_human(s['param_bytes'])}B in {s['initializers']} initializers)")
     lines.append(f"MACs: {s['macs']:,} ({_human(s['macs'])})")

@@ -51,7 +51,7 @@ from graphopt.context import PassContext
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult
 from graphopt.registry import register_pass
-from graphopt.rewrite import is_graph_output, remove_node, replace_all_uses
+from graphopt.rewrite import is_graph_output, remove_nodes, replace_all_uses
 
 # Ops whose result differs between runs: folding would freeze one sample.
 NONDETERMINISTIC_OPS = frozenset(
@@ -340,8 +340,8 @@ class FoldConstants(Pass):
 
     # -- static shapes ------------------------------------------------------------------
     def _fold_static_shapes(self, graph: gs.Graph, stats: _Stats) -> bool:
-        changed = False
         protected = if_condition_cones(graph, topological_order(graph)) if self.keep_if_conditions else set()
+        folded = []
         for node in list(graph.nodes):
             if id(node) in protected:
                 continue
@@ -349,10 +349,10 @@ class FoldConstants(Pass):
             if value is None:
                 continue
             if self._substitute(graph, node.outputs[0], value, stats):
-                remove_node(graph, node)
-                stats.folded_shapes += 1
-                changed = True
-        return changed
+                folded.append(node)
+        remove_nodes(graph, folded)
+        stats.folded_shapes += len(folded)
+        return bool(folded)
 
     # -- planning -----------------------------------------------------------------------
     def _plan(self, graph: gs.Graph, blocked: dict[int, gs.Node]) -> _Plan:
@@ -696,15 +696,19 @@ def _unique_name(graph: gs.Graph, base: str) -> str:
 
 def _remove_dead(graph: gs.Graph, nodes: Sequence[gs.Node]) -> int:
     """Remove the folded nodes nobody reads any more (last ones first)."""
-    removed = 0
+    present = {id(n) for n in graph.nodes}
+    outputs = {id(t) for t in graph.outputs}
+    dead: list[gs.Node] = []
     for node in reversed(nodes):
-        if node not in graph.nodes:
+        if id(node) not in present:
             continue
-        if any(t.outputs or is_graph_output(graph, t) for t in node.outputs):
+        if any(t.outputs or id(t) in outputs for t in node.outputs):
             continue
-        remove_node(graph, node)
-        removed += 1
-    return removed
+        dead.append(node)
+        # Detach now, so the producers of its inputs may become dead too.
+        node.inputs.clear()
+    remove_nodes(graph, dead)
+    return len(dead)
 
 
 def build_eval_model(

@@ -18,7 +18,7 @@ def annotate_shapes(model: Model) -> int:
     Inference runs on an exported proto; lazy external weights are exported
     by reference, so this never reads weight data from disk.
     """
-    proto = model.to_proto()
+    proto = model.to_analysis_proto()
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
