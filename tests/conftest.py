@@ -6,7 +6,6 @@ onnxruntime against the original.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -71,6 +70,23 @@ def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, rel: fl
 
 def op_types(proto: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in proto.graph.node]
+
+
+@graphopt.register_pass("test-negate")
+class Negate(graphopt.Pass):
+    """Breaks the model on purpose: negates the first node's output, so
+    --verify-each must catch it."""
+
+    def run(self, model, ctx):
+        import onnx_graphsurgeon as gs
+
+        node = model.graph.nodes[0]
+        out = node.outputs[0]
+        mid = gs.Variable(out.name + "_pre", dtype=out.dtype, shape=out.shape)
+        node.outputs[0] = mid
+        model.graph.nodes.append(gs.Node("Neg", inputs=[mid], outputs=[out]))
+        model.graph.toposort()
+        return graphopt.PassResult(changed=True)
 
 
 @pytest.fixture

@@ -38,22 +38,6 @@ class CountDown(Pass):
         return PassResult(changed=left > 0, stats={"left": left})
 
 
-@graphopt.register_pass("test-negate")
-class Negate(Pass):
-    """Breaks the model on purpose: flips the sign of the first Relu's output."""
-
-    def run(self, model, ctx):
-        import onnx_graphsurgeon as gs
-
-        node = model.graph.nodes[0]
-        out = node.outputs[0]
-        mid = gs.Variable(out.name + "_pre", dtype=out.dtype, shape=out.shape)
-        node.outputs[0] = mid
-        model.graph.nodes.append(gs.Node("Neg", inputs=[mid], outputs=[out]))
-        model.graph.toposort()
-        return PassResult(changed=True)
-
-
 @graphopt.register_pass("test-crash")
 class Crash(Pass):
     """Raises a plain exception, as a buggy plug-in would."""
