@@ -178,6 +178,7 @@ class Model:
         if self.info.value_types:
             _restore_value_types(proto.graph, self.info.value_types)
         _decode_type_attributes(proto.graph)
+        _unique_node_names(proto.graph)
         proto.ir_version = self.info.ir_version
         proto.producer_name = self.info.producer_name
         proto.producer_version = self.info.producer_version
@@ -338,6 +339,25 @@ def _decode_type_attributes(graph: onnx.GraphProto) -> None:
                 if attr.name.startswith(_TYPE_ATTR_PREFIX):
                     tp = onnx.TypeProto.FromString(bytes.fromhex(attr.s.decode()))
                     node.attribute[i].CopyFrom(onnx.helper.make_attribute(attr.name[len(_TYPE_ATTR_PREFIX):], tp))
+
+
+def _unique_node_names(graph: onnx.GraphProto) -> None:
+    """onnxruntime refuses two nodes with one name; a pass that names a new
+    node after an old one must not make the model unloadable.  Later
+    duplicates get a numeric suffix, deterministically."""
+    for g in _graph_protos(graph):
+        seen: set[str] = set()
+        dupes = []
+        for node in g.node:
+            if node.name and node.name in seen:
+                dupes.append(node)
+            seen.add(node.name)
+        for node in dupes:
+            base, i = node.name, 1
+            while f"{base}_{i}" in seen:
+                i += 1
+            node.name = f"{base}_{i}"
+            seen.add(node.name)
 
 
 def copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -587,6 +607,8 @@ def save(
         raise UsageError(f"{path}: output folder '{path.parent}' does not exist")
     refuse_overwriting_inputs(model, path, protect)
     proto = model.to_proto()
+    for tensor in iter_tensor_protos(proto.graph):
+        _drop_stale_external_mark(tensor)
     tensors = [t for t in iter_tensor_protos(proto.graph) if _tensor_nbytes(t) >= EXTERNAL_THRESHOLD]
     total = sum(_tensor_nbytes(t) for t in tensors)
     if external_data is None:
@@ -641,8 +663,19 @@ def refuse_overwriting_inputs(model: Model, path: Path, protect) -> None:
 
 def _tmp_beside(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        # mkstemp makes the file 0600; the renamed output should get the
+        # permissions any new file gets (0666 less the umask), as onnx.save's do.
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
@@ -659,6 +692,15 @@ def _external_sources(model: Model) -> dict[str, ExternalValues]:
             if isinstance(tensor, gs.Constant) and isinstance(tensor._values, ExternalValues):
                 out[tensor.name] = tensor._values
     return out
+
+
+def _drop_stale_external_mark(tensor: onnx.TensorProto) -> None:
+    """A weight read into memory by a pass keeps gs's ``data_location=EXTERNAL``
+    from the input, and gs exports it with its bytes inline but still marked
+    external and without a location; such a tensor is an inline one."""
+    if _is_external(tensor) and not any(e.key == "location" and e.value for e in tensor.external_data):
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _source_of(model: Model, tensor: onnx.TensorProto) -> ExternalValues | None:

@@ -215,7 +215,7 @@ def _fold_matmul(fuser: _Fuser, matmul: gs.Node, add: gs.Node | None, bn: gs.Nod
         mm_out = matmul.outputs[0]
         fuser.detach(bn)
         bias = fuser.new_const(weight.name + "_bn_bias", b.astype(dtype))
-        fuser.graph.nodes.append(gs.Node("Add", name=(bn.name or "bn") + "_as_add", inputs=[mm_out, bias], outputs=[y]))
+        fuser.graph.nodes.append(gs.Node("Add", name=f"{bn.name}_as_add" if bn.name else "", inputs=[mm_out, bias], outputs=[y]))
     w = np.asarray(weight.values, dtype=np.float64) * a[None, :]
     matmul.inputs[1] = fuser.new_const(weight.name + "_bn", w.astype(dtype))
     return True
@@ -299,7 +299,7 @@ def _fuse_one_gemm(fuser: _Fuser, matmul: gs.Node) -> bool:
     fuser.detach(add)
     gemm = gs.Node(
         "Gemm",
-        name=(matmul.name or "matmul") + "_gemm",
+        name=f"{matmul.name}_gemm" if matmul.name else "",
         attrs={"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0},
         inputs=[x, weight, bias],
         outputs=[y],

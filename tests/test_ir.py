@@ -17,9 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import ModelError, UsageError
-from graphopt.ir import ExternalValues
+from graphopt.ir import ExternalValues, Model
 
-from conftest import LIGHT_MODELS, assert_same_outputs, make_model, vi
+from conftest import LIGHT_MODELS, assert_same_outputs, make_model, ort_run, vi
 
 
 def sha(path: Path) -> str:
@@ -493,3 +493,23 @@ def test_verify_each_with_external_data_from_another_directory(tmp_path, monkeyp
                  "-q"]) == 0
     assert snapshot(model_dir) == before
     assert_same_outputs(weighted_model(), onnx.load(str(out)), rel=0)
+
+
+def test_export_gives_duplicate_node_names_a_suffix():
+    """A pass that names new nodes after old ones must not make the model unloadable."""
+    import onnx_graphsurgeon as gs
+
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["a"], name="n"), helper.make_node("Neg", ["a"], ["y"], name="n_gemm")],
+        [vi("x", [2])], [vi("y", [2])],
+    )
+    model = Model.from_proto(proto)
+    node = model.graph.nodes[1]
+    mid = gs.Variable("b", dtype=np.float32, shape=[2])
+    out = node.outputs[0]
+    node.outputs[0] = mid
+    model.graph.nodes.append(gs.Node("Abs", name="n", inputs=[mid], outputs=[out]))
+    got = model.to_proto()
+    assert [n.name for n in got.graph.node] == ["n", "n_gemm", "n_1"]
+    feeds = {"x": np.array([-1.0, 2.0], np.float32)}
+    np.testing.assert_array_equal(ort_run(got, feeds)["y"], [0.0, 2.0])  # |-(relu x)|
