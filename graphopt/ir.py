@@ -122,6 +122,9 @@ class Model:
     info: ModelInfo
     source_dir: Path | None = None
     source_path: Path | None = None
+    # Results of analyses (shape inference, ...) valid for the graph as it is;
+    # the pass manager clears them whenever a pass reports a change.
+    analyses: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # -- conversion -----------------------------------------------------------------
     @classmethod

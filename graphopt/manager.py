@@ -116,6 +116,8 @@ class PassManager:
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
+        if result.changed:
+            model.analyses.clear()
         record = PassRecord(
             name=p.name,
             pipeline_text=str(p),

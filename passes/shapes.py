@@ -16,8 +16,15 @@ def annotate_shapes(model: Model) -> int:
     refined a dtype or shape.
 
     Inference runs on an exported proto; lazy external weights are exported
-    by reference, so this never reads weight data from disk.
+    by reference, so this never reads weight data from disk.  Several passes
+    ask for shapes at their start; the result is cached in ``model.analyses``
+    until a pass changes the model (the manager clears it) or the node list
+    changes within a pass.
     """
+    key = (len(model.graph.nodes), hash(tuple(map(id, model.graph.nodes))))
+    if model.analyses.get("shapes") == key:
+        return 0
+    model.analyses["shapes"] = key
     proto = model.to_analysis_proto()
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
