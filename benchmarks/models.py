@@ -143,6 +143,23 @@ def sample_inputs(name: str, path: str | os.PathLike, seed: int = 0) -> dict[str
     return out
 
 
+OCR_KINDS = {"ppocr_det": "det", "ppocr_rec": "rec", "ppocr_cls": "cls"}
+
+
+def task_inputs(name: str, path: str | os.PathLike, seed: int = 2) -> dict[str, np.ndarray]:
+    """Inputs of the kind the model is built for: a rendered text page or line
+    for the PP-OCR models (from ocr_eval, seed 2: neither the evaluation nor the
+    calibration seed), seeded random data for the others.  Random N(0,1) images
+    are far outside what a detector sees and exaggerate float32 rounding."""
+    kind = OCR_KINDS.get(name)
+    if kind is None:
+        return sample_inputs(name, path, seed)
+    import ocr_eval  # imports this module; import lazily
+
+    input_name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+    return ocr_eval.calibration_inputs(kind, 1, seed=seed, input_name=input_name)
+
+
 def shape_flags(name: str, path: str | os.PathLike) -> list[str]:
     """``--input-shape NAME=AxB`` flags for the pinned inputs of a model."""
     flags: list[str] = []

@@ -403,6 +403,9 @@ class FoldConstants(Pass):
                     break
             if not ok or not self._outputs_bounded(node):
                 continue
+            # A Constant node's value is already stored in the model: turning it
+            # into an initializer does not grow anything.
+            src += _constant_node_bytes(node)
             nodes.append(node)
             source_bytes[id(node)] = src
             for t in node.outputs:
@@ -692,6 +695,22 @@ def _unique_name(graph: gs.Graph, base: str) -> str:
     while name in names:
         name, i = f"{base}_{i}", i + 1
     return name
+
+
+def _constant_node_bytes(node: gs.Node) -> int:
+    if node.op != "Constant" or (node.domain or "") not in ("", "ai.onnx"):
+        return 0
+    total = 0
+    for value in node.attrs.values():
+        if isinstance(value, gs.Constant):
+            total += constant_nbytes(value) or 0
+        elif isinstance(value, (list, tuple)):
+            total += 8 * len(value)
+        elif isinstance(value, (str, bytes)):
+            total += len(value)
+        else:
+            total += 8
+    return total
 
 
 def _remove_dead(graph: gs.Graph, nodes: Sequence[gs.Node]) -> int:
