@@ -1,0 +1,1 @@
+"""Quantization passes: static QDQ, dynamic int8, weight-only, fp16."""
