@@ -201,9 +201,13 @@ def cmd_opt(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"--report {report_path}: cannot write ({exc.strerror or exc})") from None
     if not args.quiet:
-        nodes_before = result.records[0].before.nodes if result.records else None
-        nodes_after = result.records[-1].after.nodes if result.records else None
-        print(f"graphopt: wrote {output} ({nodes_before} -> {nodes_after} nodes, {seconds:.2f}s)", file=sys.stderr)
+        if result.records:
+            before, after = result.records[0].before, result.records[-1].after
+            change = (f"{before.nodes} -> {after.nodes} nodes, "
+                      f"{_size(_file_bytes(Path(args.input)))} -> {_size(_file_bytes(output))}")
+        else:
+            change = "no passes"
+        print(f"graphopt: wrote {output} ({change}, {seconds:.2f}s)", file=sys.stderr)
     return 0
 
 
@@ -215,6 +219,14 @@ def _model_totals(summary: dict[str, Any], path: str | os.PathLike) -> dict[str,
         "param_bytes": summary["param_bytes"],
         "macs": summary["macs"],
     }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def _file_bytes(path: Path) -> int:

@@ -166,7 +166,7 @@ def test_inspect_text(capsys, model_path):
 def test_opt_writes_an_equivalent_model(capsys, model_path):
     code, out, err = run(capsys, "opt", model_path, "-o", "o.onnx", "-p", PIPE)
     assert code == 0, err
-    assert re.match(r"graphopt: wrote o\.onnx \(5 -> 4 nodes, [0-9.]+s\)\n$", err), err
+    assert re.match(r"graphopt: wrote o\.onnx \(5 -> 4 nodes, [0-9.]+ KB -> [0-9.]+ KB, [0-9.]+s\)\n$", err), err
     assert out == ""
     got = onnx.load("o.onnx")
     onnx.checker.check_model(got)
