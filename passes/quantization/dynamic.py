@@ -1,0 +1,386 @@
+"""Dynamic int8 quantization: int8 weights, activations quantized at run time.
+
+The usual CPU recipe for transformer encoders.  Every selected MatMul/Gemm
+with a constant 2-D float32 weight becomes
+
+* ``format=fused`` (default): one ``com.microsoft.DynamicQuantizeMatMul``
+  (activation quantized to uint8 inside the kernel, int8/uint8 weight,
+  per-tensor or per-column weight scale, Gemm's bias in the epilogue).  This is
+  the node onnxruntime itself fuses ``quantize_dynamic``'s output into, so the
+  model starts from the fast form without relying on the fusion.
+* ``format=onnx``: standard ops only, ``DynamicQuantizeLinear`` (shared by
+  all consumers of one activation) + ``MatMulInteger`` + ``Cast`` + ``Mul``
+  (+ ``Add`` for Gemm's bias), for runtimes without the contrib op.
+
+Built for later work on top (activation smoothing, a fidelity budget): the
+insertion is :func:`quantize_dynamic`, which takes a set of node names kept in
+float (``keep_float``) and per-input-channel pre-scales (``smoothing``) that are
+multiplied into the weight before it is quantized (``W' = diag(s) W``; the
+activation is divided by ``s`` with an inserted Mul unless the caller has
+already folded ``1/s`` upstream).  The pass reads both from
+``ctx.scratch["quantize-dynamic"]`` so a cooperating pass can set them.
+Site discovery (:func:`find_sites`) is shared with ``quantize-weights``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.context import PassContext
+from graphopt.errors import UsageError
+from graphopt.ir import Model, iter_graphs
+from graphopt.pass_base import Option, Pass, PassResult, Tolerance
+from graphopt.registry import register_pass
+from graphopt.rewrite import as_constant, fresh_name, sole_consumer
+from passes.cleanup import STANDARD_DOMAINS, default_opset, lacks_annotations, overridable_names
+from passes.quantization.common import quantize_weight
+from passes.shapes import annotate_shapes
+
+MS_DOMAIN = "com.microsoft"
+SUPPORTED_OPS = ("MatMul", "Gemm")
+SCRATCH_KEY = "quantize-dynamic"
+
+
+# ----------------------------------------------------------------------------------
+# Sites: a MatMul/Gemm with a constant weight, seen as y = alpha * x @ W[K, N] + bias
+# ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Site:
+    node: gs.Node
+    weight: gs.Constant
+    trans_b: bool  # weight stored [N, K] (Gemm transB=1)
+    alpha: float = 1.0
+    bias: np.ndarray | None = None  # beta * C as [N], Gemm only
+
+    @property
+    def k(self) -> int:
+        return int(self.weight.shape[1 if self.trans_b else 0])
+
+    @property
+    def n(self) -> int:
+        return int(self.weight.shape[0 if self.trans_b else 1])
+
+    def matrix(self) -> np.ndarray:
+        """The weight as float32 [K, N] (loads it; only call for weights being quantized)."""
+        w = np.asarray(self.weight.values, dtype=np.float32)
+        return np.ascontiguousarray(w.T if self.trans_b else w)
+
+
+@dataclasses.dataclass
+class Selection:
+    """Which nodes a quantization pass may touch."""
+
+    ops: tuple[str, ...] = SUPPORTED_OPS
+    exclude_nodes: frozenset[str] = frozenset()
+    exclude_ops: frozenset[str] = frozenset()
+    exclude_regex: re.Pattern | None = None
+
+    def allows(self, node: gs.Node) -> bool:
+        if node.op not in self.ops or node.op in self.exclude_ops or node.domain not in STANDARD_DOMAINS:
+            return False
+        if node.name and node.name in self.exclude_nodes:
+            return False
+        return not (self.exclude_regex is not None and node.name and self.exclude_regex.search(node.name))
+
+
+def make_selection(pass_name: str, ops: Iterable[str], exclude_nodes, exclude_ops, exclude_regex: str) -> Selection:
+    ops = tuple(ops)
+    bad = [op for op in ops if op not in SUPPORTED_OPS]
+    if bad or not ops:
+        raise UsageError(
+            f"pass '{pass_name}': option 'ops' must list ops among {','.join(SUPPORTED_OPS)}, got '{','.join(ops)}'"
+        )
+    pattern = None
+    if exclude_regex:
+        try:
+            pattern = re.compile(exclude_regex)
+        except re.error as exc:
+            raise UsageError(f"pass '{pass_name}': option 'exclude-regex': bad regular expression: {exc}") from None
+    return Selection(ops, frozenset(exclude_nodes), frozenset(exclude_ops), pattern)
+
+
+def _float32(dtype) -> bool:
+    try:
+        return dtype is not None and np.dtype(dtype) == np.float32
+    except TypeError:
+        return False
+
+
+def find_sites(model: Model, selection: Selection, notes: list[str]) -> list[Site]:
+    """MatMul/Gemm nodes of the main graph with a constant float32 2-D weight
+    and a float32 activation, in graph order; what is skipped gets a note."""
+    if lacks_annotations(model, set(selection.ops)):
+        annotate_shapes(model)
+    overridable = overridable_names(model)
+    sites: list[Site] = []
+    for node in model.graph.nodes:
+        if not selection.allows(node):
+            continue
+        label = f"{node.op} '{node.name or node.outputs[0].name}'"
+        if len(node.inputs) < 2 or len(node.outputs) != 1:
+            continue
+        x = node.inputs[0]
+        weight = as_constant(node.inputs[1], overridable)
+        if weight is None or isinstance(x, gs.Constant):
+            continue  # activation x activation (attention scores) or constant input: not a weight product
+        if len(weight.shape) != 2 or not _float32(weight.dtype):
+            notes.append(f"{label}: weight is not a 2-D float32 constant; left in float")
+            continue
+        if not _float32(x.dtype):
+            notes.append(f"{label}: activation is not known to be float32; left in float")
+            continue
+        if x.shape is not None and len(x.shape) < 2:
+            notes.append(f"{label}: 1-D activation; left in float")
+            continue
+        if node.op == "MatMul":
+            sites.append(Site(node, weight, trans_b=False))
+            continue
+        # Gemm: y = alpha * op(A) @ op(B) + beta * C
+        if int(node.attrs.get("transA", 0)):
+            notes.append(f"{label}: transA=1 is not supported; left in float")
+            continue
+        site = Site(node, weight, trans_b=bool(int(node.attrs.get("transB", 0))),
+                    alpha=float(node.attrs.get("alpha", 1.0)))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            c = as_constant(node.inputs[2], overridable)
+            shape = tuple(c.shape) if c is not None else None
+            if c is None or not _float32(c.dtype) or shape not in ((), (1,), (site.n,), (1, site.n)):
+                notes.append(f"{label}: bias C is not a constant broadcast over rows; left in float")
+                continue
+            beta = float(node.attrs.get("beta", 1.0))
+            bias = beta * np.asarray(c.values, dtype=np.float32).reshape(-1)
+            site.bias = np.ascontiguousarray(np.broadcast_to(bias, (site.n,)), dtype=np.float32)
+        sites.append(site)
+    return sites
+
+
+# ----------------------------------------------------------------------------------
+# Insertion
+# ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Smoothing:
+    """Per-input-channel pre-scale ``s`` [K] of one node: the weight becomes
+    ``diag(s) W`` before quantization; unless ``folded`` (the caller already
+    divided the activation by ``s`` upstream, e.g. in a LayerNorm's gamma),
+    an ``x * (1/s)`` Mul is inserted in front of the node."""
+
+    scale: np.ndarray
+    folded: bool = False
+
+
+@dataclasses.dataclass
+class DynamicConfig:
+    per_channel: bool = False
+    signed: bool = True
+    reduce_range: bool = False
+    fmt: str = "fused"
+
+
+class _Builder:
+    def __init__(self, model: Model):
+        self.model = model
+        self.graph = model.graph
+        self.names = {name for g in iter_graphs(model.graph) for name in g.tensors()}
+        self.removed: set[int] = set()
+        self.new_nodes: list[gs.Node] = []
+        self.weight_cache: dict[tuple, tuple] = {}
+        self.dql_cache: dict[int, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
+        self.smooth_cache: dict[tuple, gs.Variable] = {}
+        self.replacements: dict[int, list[gs.Node]] = {}
+        self.overridable = overridable_names(model)
+        self.keep: set[str] = set()
+
+    def splice(self) -> None:
+        """Put each replaced node's new nodes where it was, so the graph reads
+        in its original order."""
+        nodes: list[gs.Node] = []
+        for n in self.graph.nodes:
+            if id(n) in self.replacements:
+                nodes.extend(self.replacements[id(n)])
+            elif id(n) not in self.removed:
+                nodes.append(n)
+        self.graph.nodes = nodes
+        self.graph.toposort()
+
+    def const(self, base: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(fresh_name(self.names, base), np.array(values, order="C"))  # keeps 0-d
+
+    def var(self, base: str, dtype=None) -> gs.Variable:
+        return gs.Variable(fresh_name(self.names, base), dtype=dtype)
+
+    def node(self, op: str, name: str, inputs, outputs, domain: str | None = None, **attrs) -> gs.Node:
+        n = gs.Node(op, name=name, attrs=attrs, inputs=list(inputs), outputs=list(outputs), domain=domain)
+        self.new_nodes.append(n)
+        return n
+
+
+def quantize_dynamic(
+    model: Model,
+    sites: list[Site],
+    config: DynamicConfig,
+    *,
+    keep_float: Iterable[str] = (),
+    smoothing: Mapping[str, Smoothing] | None = None,
+) -> dict[str, int]:
+    """Replace each site not in ``keep_float`` by its dynamically quantized
+    form; returns counters.  Weights shared by several sites are quantized
+    once (per pre-scale)."""
+    keep = set(keep_float)
+    smoothing = dict(smoothing or {})
+    b = _Builder(model)
+    b.keep = keep
+    counts = {"quantized": 0, "kept_float": 0, "weights": 0}
+    for site in sites:
+        node = site.node
+        if node.name and node.name in keep:
+            counts["kept_float"] += 1
+            continue
+        smooth = smoothing.get(node.name) if node.name else None
+        if smooth is not None and np.shape(smooth.scale) != (site.k,):
+            raise UsageError(f"quantize-dynamic: smoothing scale of '{node.name}' has shape "
+                             f"{np.shape(smooth.scale)}, the weight has K={site.k}")
+        start = len(b.new_nodes)
+        _quantize_site(b, site, config, smooth, counts)
+        b.replacements[id(node)] = b.new_nodes[start:]
+        counts["quantized"] += 1
+    if counts["quantized"]:
+        b.splice()
+    return counts
+
+
+def _quantized_weight(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoothing | None, counts):
+    key = (id(site.weight), site.trans_b, site.alpha, None if smooth is None else smooth.scale.tobytes())
+    if key not in b.weight_cache:
+        w = site.matrix()
+        if smooth is not None:
+            w = w * np.asarray(smooth.scale, np.float32)[:, None]
+        # int8: symmetric [-127, 127], zero point 0; uint8: asymmetric (common.py's conventions).
+        qw = quantize_weight(w, "int8" if config.signed else "uint8", symmetric=config.signed,
+                             axis=1 if config.per_channel else None, reduce_range=config.reduce_range)
+        scale = (np.asarray(qw.scale, np.float64) * site.alpha).astype(np.float32)
+        base = site.weight.name
+        b.weight_cache[key] = (
+            b.const(base + "_quantized", qw.values),
+            b.const(base + "_scale", scale),
+            b.const(base + "_zero_point", qw.zero_point),
+            qw,
+        )
+        counts["weights"] += 1
+    return b.weight_cache[key]
+
+
+def _smoothed_input(b: _Builder, x: gs.Tensor, smooth: Smoothing | None, label: str) -> gs.Tensor:
+    if smooth is None or smooth.folded:
+        return x
+    key = (id(x), smooth.scale.tobytes())
+    if key not in b.smooth_cache:
+        inv = (1.0 / np.asarray(smooth.scale, np.float64)).astype(np.float32)
+        out = b.var(x.name + "_smoothed", np.float32)
+        b.node("Mul", f"{label}_smooth", [x, b.const(x.name + "_inv_smooth", inv)], [out])
+        b.smooth_cache[key] = out
+    return b.smooth_cache[key]
+
+
+def _bias_add(b: _Builder, site: Site):
+    """``(bias [N], Add output)`` when a MatMul's only reader is an Add of a
+    constant float32 bias broadcast over rows, else None."""
+    if site.node.op != "MatMul" or site.bias is not None:
+        return None
+    out = site.node.outputs[0]
+    add = sole_consumer(b.graph, out)
+    if add is None or add.op != "Add" or add.domain not in STANDARD_DOMAINS or len(add.inputs) != 2:
+        return None
+    if add.name and add.name in b.keep:
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    c = as_constant(other, b.overridable)
+    if c is None or other is out or not _float32(c.dtype) or tuple(c.shape) not in ((site.n,), (1, site.n)):
+        return None
+    if out.shape is None or len(out.shape) < 2:
+        return None  # a [1, N] bias would add a dimension to a 1-D result
+    return np.asarray(c.values, np.float32).reshape(-1), add.outputs[0]
+
+
+def _quantize_site(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoothing | None, counts) -> None:
+    node = site.node
+    label = node.name or node.outputs[0].name
+    wq, wscale, wzp, _ = _quantized_weight(b, site, config, smooth, counts)
+    x = _smoothed_input(b, node.inputs[0], smooth, label)
+    y = node.outputs[0]
+    bias_values = site.bias
+    add = _bias_add(b, site) if config.fmt == "fused" else None
+    if add is not None:
+        # MatMul + constant Add: the bias goes into the kernel's epilogue.
+        bias_values, y = add
+        add_node = y.inputs[0]
+        add_node.inputs.clear()
+        add_node.outputs.clear()
+        b.removed.add(id(add_node))
+        counts["bias_absorbed"] = counts.get("bias_absorbed", 0) + 1
+    node.inputs.clear()
+    node.outputs.clear()
+    b.removed.add(id(node))
+    bias = None if bias_values is None else b.const(site.weight.name + "_bias", bias_values)
+    if config.fmt == "fused":
+        inputs = [x, wq, wscale]
+        # Symmetric int8: the zero point is 0, the kernel's default.
+        if not config.signed or bias is not None:
+            inputs.append(wzp)
+        if bias is not None:
+            inputs.append(bias)
+        b.node("DynamicQuantizeMatMul", f"{label}_dynamic_quant", inputs, [y], domain=MS_DOMAIN)
+        return
+    # Standard ops: share one DynamicQuantizeLinear per activation.
+    if id(x) not in b.dql_cache:
+        xq, xs, xzp = b.var(x.name + "_quantized", np.uint8), b.var(x.name + "_scale", np.float32), \
+            b.var(x.name + "_zero_point", np.uint8)
+        b.node("DynamicQuantizeLinear", f"{x.name}_dynamic_quantize", [x], [xq, xs, xzp])
+        b.dql_cache[id(x)] = (xq, xs, xzp)
+    xq, xs, xzp = b.dql_cache[id(x)]
+    acc = b.var(y.name + "_int32", np.int32)
+    b.node("MatMulInteger", f"{label}_integer", [xq, wq, xzp, wzp], [acc])
+    accf = b.var(y.name + "_int32_float", np.float32)
+    b.node("Cast", f"{label}_cast", [acc], [accf], to=1)
+    scale = b.var(y.name + "_rescale", np.float32)
+    b.node("Mul", f"{label}_scales_mul", [xs, wscale], [scale])
+    if bias is None:
+        b.node("Mul", f"{label}_rescale", [accf, scale], [y])
+    else:
+        pre = b.var(y.name + "_nobias", np.float32)
+        b.node("Mul", f"{label}_rescale", [accf, scale], [pre])
+        b.node("Add", f"{label}_bias", [pre, bias], [y])
+
+
+@register_pass("quantize-dynamic")
+class QuantizeDynamic(Pass):
+    """Quantize MatMul/Gemm weights to int8 with activations quantized at run
+    time (onnxruntime DynamicQuantizeMatMul, or standard MatMulInteger ops)."""
+
+    tolerance = Tolerance(relative=0.1, lossy=True)
+
+    per_channel = Option(bool, False, "one weight scale per output column instead of per tensor")
+    weight_type = Option(str, "int8", "weight type: int8 (symmetric) or uint8 (asymmetric)", choices=("int8", "uint8"))
+    reduce_range = Option(bool, False, "7-bit weights, for CPUs without VNNI whose u8s8 kernels saturate")
+    ops = Option(list, list(SUPPORTED_OPS), "op types to quantize (MatMul, Gemm)")
+    exclude_nodes = Option(list, [], "node names left in float")
+    exclude_ops = Option(list, [], "op types left in float")
+    exclude_regex = Option(str, "", "nodes whose name matches this regular expression are left in float")
+    format = Option(str, "fused", "fused: com.microsoft DynamicQuantizeMatMul; onnx: standard "
+                    "DynamicQuantizeLinear+MatMulInteger", choices=("fused", "onnx"))
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex)
+        if self.format == "onnx" and default_opset(model) < 11:
+            return PassResult(False, {"quantized": 0}, ["format=onnx needs opset >= 11 (DynamicQuantizeLinear)"])
+        notes: list[str] = []
+        sites = find_sites(model, selection, notes)
+        shared = ctx.scratch.get(SCRATCH_KEY, {})
+        config = DynamicConfig(per_channel=self.per_channel, signed=self.weight_type == "int8",
+                               reduce_range=self.reduce_range, fmt=self.format)
+        counts = quantize_dynamic(model, sites, config, keep_float=shared.get("keep_float", ()),
+                                  smoothing=shared.get("smoothing"))
+        return PassResult(changed=counts["quantized"] > 0, stats=counts, notes=notes)
