@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("model")
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     insp.add_argument("--per-node", action="store_true", help="list MACs per node")
+    insp.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                      help="pin the shape of a dynamic input for MACs (repeatable)")
     return parser
 
 
@@ -173,7 +175,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
     if run_opts.get("verify-each") and inputs is None:
         _check_random_input_sizes(model, input_shapes)
     report_path = run_opts.get("report")
-    before = summarize(model) if report_path else None
+    before = summarize(model, input_shapes) if report_path else None
     try:
         result = PassManager(pipeline, instruments).run(model, ctx)
     finally:
@@ -185,7 +187,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {output}: cannot write ({exc.strerror or exc})") from None
     seconds = time.perf_counter() - start
     if report_path:
-        after = summarize(model)
+        after = summarize(model, input_shapes)
         report = {
             "graphopt": _version(),
             "input": str(args.input),
@@ -277,7 +279,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.summary import format_summary, summarize
     from graphopt.ir import load
 
-    summary = summarize(load(args.model))
+    summary = summarize(load(args.model), parse_input_shapes(args.input_shape))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -68,17 +68,15 @@ class VerifyEach(Instrument):
         except Exception as exc:
             raise VerificationError(f"pass '{p.name}': output fails the onnx checker: {_first(exc)}") from None
         outputs = self._evaluate(model, ctx, f"the output of pass '{p.name}'", proto)
-        limit = self.tolerance if self.tolerance is not None else (ctx.tolerance or p.tolerance.relative)
+        override = self.tolerance if self.tolerance is not None else ctx.tolerance
         assert self.reference is not None
         for name, expected in self.reference.items():
             if name not in outputs:
                 raise VerificationError(f"pass '{p.name}': output '{name}' disappeared")
-            err = runtime.relative_error(outputs[name], expected)
-            if not err <= limit:
-                raise VerificationError(
-                    f"pass '{p.name}': output '{name}' moved by relative error {err:.3g} (tolerance {limit:g})"
-                )
-            record.stats.setdefault("verify", {})[name] = err
+            ok, figure = p.tolerance.check(outputs[name], expected, override)
+            if not ok:
+                raise VerificationError(f"pass '{p.name}': output '{name}' moved: {figure}")
+            record.stats.setdefault("verify", {})[name] = figure
         self.reference = outputs
 
     def _evaluate(self, model: Model, ctx: PassContext, what: str, proto=None) -> dict[str, np.ndarray]:

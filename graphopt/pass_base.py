@@ -130,14 +130,31 @@ class PassResult:
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    """How far a pass may move the model's outputs, as relative error.
+    """How far a pass may move the model's outputs; --verify-each checks it.
 
-    Relative error of an output is ``max|new - old| / max|old|``: scale-aware and
-    not fooled by outputs that cross zero.
+    Exact passes bound the relative error ``max|new - old| / max|old|`` (scale-
+    aware, not fooled by outputs that cross zero).  Lossy passes (quantization)
+    cannot promise that: one flipped class in a softmax is a relative error near
+    1.  They bound the cosine similarity of each output to the model before the
+    pass instead, loose enough for honest quantization noise and tight enough to
+    catch a broken rewrite; their real fidelity goal is the --fidelity budget.
     """
 
-    relative: float = 1e-4
+    relative: float | None = 1e-4
+    cosine: float | None = None
     lossy: bool = False
+
+    def check(self, actual, expected, relative: float | None = None) -> tuple[bool, str]:
+        """(within tolerance, the measured figure as text); ``relative`` overrides
+        the relative bound of exact passes (the run's --tolerance)."""
+        from graphopt.runtime import cosine_similarity, relative_error
+
+        if self.cosine is not None:
+            cos = cosine_similarity(actual, expected)
+            return cos >= self.cosine, f"cosine {cos:.4g} (tolerance >= {self.cosine:g})"
+        limit = relative if relative is not None else self.relative
+        err = relative_error(actual, expected)
+        return err <= limit, f"relative error {err:.3g} (tolerance {limit:g})"
 
 
 class Pass:

@@ -107,3 +107,20 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     diff = np.abs(a[finite] - e[finite]).max(initial=0.0)
     scale = np.abs(e[finite]).max(initial=0.0)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+def cosine_similarity(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Cosine of the two outputs flattened; 1.0 when both are all zero, and
+    -inf on a shape mismatch or a NaN/inf that only one side has."""
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    e = np.asarray(expected, dtype=np.float64).ravel()
+    if a.shape != e.shape or not np.array_equal(np.isfinite(a), np.isfinite(e)):
+        return float("-inf")
+    finite = np.isfinite(e)
+    a, e = a[finite], e[finite]
+    na, ne = np.linalg.norm(a), np.linalg.norm(e)
+    if na == 0 and ne == 0:
+        return 1.0
+    if na == 0 or ne == 0:
+        return 0.0
+    return float(np.dot(a, e) / (na * ne))

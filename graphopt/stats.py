@@ -22,18 +22,22 @@ class GraphStats:
 def graph_stats(graph: gs.Graph) -> GraphStats:
     nodes = 0
     consts: dict[str, gs.Constant] = {}
+    embedded: dict[int, gs.Constant] = {}
     for g in iter_graphs(graph):
         nodes += len(g.nodes)
         for node in g.nodes:
             for t in node.inputs:
                 if isinstance(t, gs.Constant):
                     consts[t.name] = t
+            if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+                # Weights some exporters (Paddle) store in Constant nodes.
+                embedded[id(node)] = node.attrs["value"]
         for t in g.outputs:
             if isinstance(t, gs.Constant):
                 consts[t.name] = t
     nbytes = 0
     params = 0
-    for t in consts.values():
+    for t in list(consts.values()) + list(embedded.values()):
         v = t._values
         shape = v.shape
         n = 1

@@ -8,7 +8,7 @@ the summary says which dims were assumed.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -18,8 +18,14 @@ from graphopt.ir import Model
 from graphopt.stats import graph_stats
 
 
-def _shape_map(model: Model) -> dict[str, list]:
+def _shape_map(model: Model, input_shapes: Mapping[str, list[int]] | None = None) -> dict[str, list]:
     proto = model.to_analysis_proto()
+    for vi in proto.graph.input:
+        pinned = (input_shapes or {}).get(vi.name)
+        if pinned is not None and vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.shape.Clear()
+            for d in pinned:
+                vi.type.tensor_type.shape.dim.add().dim_value = d
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
@@ -104,8 +110,8 @@ _MACS: dict[str, Callable[[gs.Node, Any], int]] = {
 }
 
 
-def node_macs(model: Model) -> list[dict[str, Any]]:
-    shapes = _shape_map(model)
+def node_macs(model: Model, input_shapes: Mapping[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    shapes = _shape_map(model, input_shapes)
     out = []
     for node in model.graph.nodes:
         fn = _MACS.get(node.op) if node.domain in ("", "ai.onnx", None) else None
@@ -130,15 +136,22 @@ def _value_info(t: gs.Tensor) -> dict[str, Any]:
     return {"name": t.name, "dtype": dtype, "shape": shape}
 
 
-def summarize(model: Model) -> dict[str, Any]:
+def summarize(model: Model, input_shapes: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
+    """``input_shapes`` pins dynamic input dims (as --input-shape does) for MACs."""
     graph = model.graph
     stats = graph_stats(graph)
-    per_node = node_macs(model)
+    per_node = node_macs(model, input_shapes)
     ops = collections.Counter(
         (f"{n.domain}::{n.op}" if n.domain not in ("", "ai.onnx", None) else n.op) for n in graph.nodes
     )
     symbolic = sorted(
-        {str(d) for t in graph.inputs if t.shape is not None for d in t.shape if not isinstance(d, int)}
+        {
+            str(d)
+            for t in graph.inputs
+            if t.shape is not None and t.name not in (input_shapes or {})
+            for d in t.shape
+            if not isinstance(d, int) or d < 0
+        }
     )
     return {
         "inputs": [_value_info(t) for t in graph.inputs],

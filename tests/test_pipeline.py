@@ -233,14 +233,14 @@ def test_crashing_pass_becomes_pass_error():
 
 def test_verify_each_catches_a_wrong_pass():
     model = tiny_model()
-    with pytest.raises(VerificationError, match=r"pass 'test-negate': output 'y' moved by relative error"):
+    with pytest.raises(VerificationError, match=r"pass 'test-negate': output 'y' moved: relative error"):
         PassManager(parse("test-negate"), [VerifyEach()]).run(model, graphopt.PassContext())
 
 
 def test_verify_each_accepts_a_correct_pass_and_records_error():
     model = tiny_model()
     result = PassManager(parse("test-count{times=1}"), [VerifyEach()]).run(model)
-    assert result.records[0].stats["verify"] == {"y": 0.0}
+    assert result.records[0].stats["verify"] == {"y": "relative error 0 (tolerance 0.0001)"}
 
 
 def test_verify_each_with_given_inputs_and_tolerance():
@@ -267,4 +267,19 @@ def test_time_print_and_dump_instruments(tmp_path, capsys):
 
 def test_tolerance_is_declared_per_pass():
     assert Tolerance().relative == 1e-4 and not Tolerance().lossy
-    assert all(cls.tolerance.relative > 0 for cls in registry.passes().values())
+    for cls in registry.passes().values():
+        t = cls.tolerance
+        # exact passes bound relative error; lossy ones may bound cosine instead
+        assert (t.relative or 0) > 0 or (t.lossy and t.cosine is not None), cls.name
+
+
+def test_lossy_tolerance_checks_cosine_and_ignores_the_relative_override():
+    lossy = Tolerance(relative=None, cosine=0.9, lossy=True)
+    ref = np.array([1.0, 2.0, 3.0])
+    ok, figure = lossy.check(ref * 1.05, ref, relative=1e-6)
+    assert ok and figure.startswith("cosine 1")
+    ok, figure = lossy.check(-ref, ref)
+    assert not ok and "cosine -1" in figure
+    exact = Tolerance()
+    assert not exact.check(ref * 1.05, ref)[0]
+    assert exact.check(ref * 1.05, ref, relative=0.1)[0]

@@ -360,7 +360,7 @@ class QuantizeDynamic(Pass):
     """Quantize MatMul/Gemm weights to int8 with activations quantized at run
     time (onnxruntime DynamicQuantizeMatMul, or standard MatMulInteger ops)."""
 
-    tolerance = Tolerance(relative=0.1, lossy=True)
+    tolerance = Tolerance(relative=None, cosine=0.8, lossy=True)
 
     per_channel = Option(bool, False, "one weight scale per output column instead of per tensor")
     weight_type = Option(str, "int8", "weight type: int8 (symmetric) or uint8 (asymmetric)", choices=("int8", "uint8"))

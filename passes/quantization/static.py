@@ -95,7 +95,7 @@ class QuantizeStatic(Pass):
     and activations, placed where onnxruntime/TensorRT run integer kernels.
     Needs calibration data (--calib)."""
 
-    tolerance = Tolerance(relative=0.25, lossy=True)
+    tolerance = Tolerance(relative=None, cosine=0.8, lossy=True)
 
     method = Option(str, "minmax", "activation range calibration", choices=METHODS)
     per_channel = Option(bool, True, "per-output-channel weight scales (needs opset 13; else per tensor)")

@@ -108,7 +108,7 @@ class QuantizeWeights(Pass):
     """Weight-only blocked 4/8-bit quantization of MatMul/Gemm weights
     (onnxruntime MatMulNBits, or blocked DequantizeLinear for opset >= 21)."""
 
-    tolerance = Tolerance(relative=0.25, lossy=True)
+    tolerance = Tolerance(relative=None, cosine=0.8, lossy=True)
 
     bits = Option(int, 4, "bits per weight: 4 or 8", choices=BITS)
     block = Option(int, 32, "weights per block along K: 16, 32, 64, 128 or 256", choices=BLOCKS)
