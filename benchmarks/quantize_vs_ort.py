@@ -1,55 +1,176 @@
-"""graphopt's quantize-static against onnxruntime's quantize_static (QDQ).
+"""graphopt's int8 quantization side by side with onnxruntime's, in one run.
 
-Same fp32 model, same calibration samples (benchmarks/ocr_eval.calibration_inputs)
-and the same calibrator (MinMax unless --method).  Reported per quantized
-model: file size, onnxruntime CPU latency (runs interleaved across models,
-median), cosine similarity and relative error of the raw output against fp32 on
-held-out inputs, and the OCR task agreement with fp32 (rec: exact-match
-agreement of decoded strings; det: box F1 taking fp32 boxes as truth).
+Models: PP-OCRv4 det and rec and PP-OCR mobile v2.0 cls from the
+rapidocr-onnxruntime wheel (real weights), and light CNNs from onnx's backend
+test data with seeded random weights (``randomize_light``: the light models
+keep every weight as a ``ConstantOfShape`` fill, so quantizing them as shipped
+is degenerate).  Variants per model:
 
-    python benchmarks/quantize_vs_ort.py --model rec
-    python benchmarks/quantize_vs_ort.py --model det --calib-n 16 --eval-n 8
+* ``graphopt_static``: ``graphopt opt M -p "simplify,quantize-static{method=M}" --calib C.npz``
+* ``ort_static``: onnxruntime's recommended flow, ``quant_pre_process`` then
+  ``quantize_static`` (QDQ, per-channel int8 symmetric weights, uint8
+  activations: the same recipe as graphopt's defaults), same calibration samples
+  and calibrator; the pre-processed model is upgraded to opset 13 because
+  onnxruntime writes per-channel DequantizeLinear (``axis``) even below it.
+* ``ort_dynamic``: ``quantize_dynamic`` with its defaults (QInt8 weights, every
+  op it supports, Conv included): a reference, not judged.
+* ``graphopt_dynamic`` / ``ort_dynamic_mm``: ``-p quantize-dynamic`` against
+  ``quantize_dynamic(op_types_to_quantize=[MatMul, Gemm])`` (the same ops), on
+  models that have a MatMul/Gemm with a constant weight.
+
+Calibration: OCR ``ocr_eval.calibration_inputs(kind, n, seed=1)`` (rendered
+lines/pages); CNNs seeded N(0, 1) images (seed 1).  Evaluation never sees those
+samples: OCR task metrics on ``ocr_eval``'s evaluation set (seed 0) against
+ground truth and against fp32, plus raw-output cosine on rendered inputs from
+seed 7; CNNs on N(0, 1) inputs from seed 0: cosine of the logits to fp32 and
+top-1 agreement.  Latency: onnxruntime CPU (default graph optimizations, fixed
+threads), every variant of a model in each round with the order rotating, a
+warm-up first, medians.  Every quantized model goes through onnx.checker and
+runs in onnxruntime; graphopt's are built twice and compared byte for byte.
+
+Goals (exit 1 naming what missed): on every model graphopt's static variant
+has fidelity >= ort_static's (OCR: each task metric; CNN: mean cosine and
+top-1 agreement) and latency <= ort_static's (x1.05 allowed for timer noise);
+likewise graphopt_dynamic against ort_dynamic_mm.
+
+    python benchmarks/quantize_vs_ort.py [--models ppocr_rec,resnet50] [--quick] [--json OUT]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import models as bench_models  # noqa: E402
 import ocr_eval  # noqa: E402
 
-HELD_OUT_SEED = 7
+HELD_OUT_SEED = 7  # raw-output cosine on OCR inputs: neither calibration (1) nor evaluation (0)
+LATENCY_SLACK = 1.05
+OCR = {"ppocr_det": "det", "ppocr_rec": "rec", "ppocr_cls": "cls"}
+DEFAULT_MODELS = ["ppocr_det", "ppocr_rec", "ppocr_cls", "resnet50", "squeezenet", "shufflenet", "inception_v1"]
 
 
-def _ort_quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], *, per_channel: bool, act: str,
-                  method: str) -> float:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+# ----------------------------------------------------------------------------------
+# Light CNNs with random weights
+# ----------------------------------------------------------------------------------
+def _role(proto: onnx.ModelProto, tensor: str) -> tuple[str, int, onnx.NodeProto | None]:
+    """(op, input index, node) of the real consumer of a weight, looking through
+    Unsqueeze/Reshape/Identity."""
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, i))
+    seen = 0
+    while seen < 8:
+        uses = consumers.get(tensor, [])
+        if len(uses) != 1:
+            return ("?", -1, None)
+        node, idx = uses[0]
+        if node.op_type in ("Unsqueeze", "Reshape", "Identity") and idx == 0:
+            tensor = node.output[0]
+            seen += 1
+            continue
+        return (node.op_type, idx, node)
+    return ("?", -1, None)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = [{k: v[i:i + 1] for k, v in calib.items()} for i in range(len(next(iter(calib.values()))))]
-            self.it = iter(self.items)
 
-        def get_next(self):
-            return next(self.it, None)
+def randomize_light(path: Path, seed: int = 0) -> onnx.ModelProto:
+    """A light model with every ConstantOfShape weight replaced by a seeded random
+    initializer of the same shape, chosen by what consumes it:
 
-        def rewind(self):
-            self.it = iter(self.items)
+    * Conv weight: He normal, std sqrt(2 / fan_in), fan_in = C_in/group * kH * kW;
+      Gemm weight: std sqrt(1 / fan_in); Conv/Gemm bias: N(0, 0.01^2);
+    * BatchNormalization: scale U(0.5, 1.5), bias N(0, 0.1^2), mean N(0, 0.1^2),
+      var U(0.5, 1.5); a BN written as Mul/Add of Unsqueezed constants: Mul
+      U(0.5, 1.5), Add N(0, 0.1^2);
+    * anything else: N(0, 0.1^2).
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    t0 = time.perf_counter()
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8 if act == "uint8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=methods[method])
-    return time.perf_counter() - t0
+    A final Softmax is removed so the output is logits (cosine and top-1 on a
+    softmax of random weights would be trivially close to 1).  Everything else is
+    the model as shipped, except that initializers are no longer listed as graph
+    inputs (IR version raised to 4), so every tool treats them as constants, and
+    the model is converted from opset 9 to 13 (onnx's version converter): the
+    per-channel QDQ both quantizers write needs 13, onnxruntime's flow converts
+    anyway, and graphopt's quantize-static leaves models below opset 10 alone."""
+    proto = onnx.load(str(path))
+    rng = np.random.default_rng(seed)
+    inits = {t.name: t for t in proto.graph.initializer}
+    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
+    keep, new_inits = [], []
+    for node in proto.graph.node:
+        if node.op_type != "ConstantOfShape":
+            keep.append(node)
+            continue
+        src = node.input[0]
+        shape = (numpy_helper.to_array(inits[src]) if src in inits
+                 else numpy_helper.to_array(consts[src].attribute[0].t)).astype(int).tolist()
+        op, idx, consumer = _role(proto, node.output[0])
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0]) if shape else 1
+        if op == "Conv" and idx == 1:
+            arr = rng.standard_normal(shape) * math.sqrt(2.0 / max(fan_in, 1))
+        elif op == "Gemm" and idx == 1:
+            trans_b = any(a.name == "transB" and a.i for a in consumer.attribute)
+            k = shape[1] if trans_b and len(shape) == 2 else shape[0] if len(shape) == 2 else fan_in
+            arr = rng.standard_normal(shape) * math.sqrt(1.0 / max(k, 1))
+        elif op in ("Conv", "Gemm") and idx == 2:
+            arr = rng.standard_normal(shape) * 0.01
+        elif (op == "BatchNormalization" and idx in (1, 4)) or op == "Mul":
+            arr = rng.uniform(0.5, 1.5, shape)
+        else:  # BN bias/mean, Add shift, others
+            arr = rng.standard_normal(shape) * 0.1
+        new_inits.append(numpy_helper.from_array(np.asarray(arr, np.float32).reshape(shape), node.output[0]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    proto.graph.initializer.extend(new_inits)
+    last = proto.graph.node[-1]
+    if last.op_type == "Softmax" and last.output[0] == proto.graph.output[0].name:
+        out = proto.graph.output[0]
+        proto.graph.node.pop()
+        for n in proto.graph.node:
+            for i, name in enumerate(n.output):
+                if name == last.input[0]:
+                    n.output[i] = out.name
+    # drop the shape initializers nothing reads any more (and their graph inputs, if listed)
+    used = {i for n in proto.graph.node for i in n.input}
+    dropped = {t.name for t in proto.graph.initializer if t.name not in used}
+    live = [t for t in proto.graph.initializer if t.name not in dropped]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(live)
+    init_names = {t.name for t in live}
+    inputs = [vi for vi in proto.graph.input if vi.name not in dropped and vi.name not in init_names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    proto.ir_version = max(proto.ir_version, 4)  # IR 3 wants every initializer listed as an input
+    proto = onnx.version_converter.convert_version(proto, 13)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+# ----------------------------------------------------------------------------------
+# Quantizers
+# ----------------------------------------------------------------------------------
+class _Reader:
+    def __init__(self, calib: dict[str, np.ndarray]):
+        n = len(next(iter(calib.values())))
+        self.items = [{k: v[i:i + 1] for k, v in calib.items()} for i in range(n)]
+        self.it = iter(self.items)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.items)
 
 
 def _preprocessed(src: Path, tmp: Path) -> Path:
@@ -58,114 +179,285 @@ def _preprocessed(src: Path, tmp: Path) -> Path:
     dst = tmp / (src.stem + "_pre.onnx")
     if not dst.exists():
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-        # onnxruntime writes per-channel DequantizeLinear (axis) even below opset 13,
-        # which is an invalid model: upgrade first, as graphopt's pass does.
-        import onnx
-
-        onnx.save(onnx.version_converter.convert_version(onnx.load(dst), 13), dst)
+        m = onnx.load(str(dst))
+        if next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) < 13:
+            onnx.save(onnx.version_converter.convert_version(m, 13), str(dst))
     return dst
 
 
-def _graphopt_quantize(src: Path, dst: Path, calib_path: Path, pipeline: str) -> float:
-    from graphopt import cli
+def ort_static(src: Path, dst: Path, calib: dict[str, np.ndarray], method: str, tmp: Path) -> float:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
     t0 = time.perf_counter()
-    rc = cli.main(["opt", str(src), "-o", str(dst), "-p", pipeline, "--calib", str(calib_path), "-q"])
-    if rc != 0:
-        raise SystemExit(f"graphopt failed with exit {rc}")
+    quantize_static(str(_preprocessed(src, tmp)), str(dst), Reader(calib), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method])
     return time.perf_counter() - t0
 
 
-def _fidelity(sess_ref, sess, xs: np.ndarray) -> dict[str, float]:
-    cos, rel = [], []
-    name = sess_ref.get_inputs()[0].name
-    for i in range(len(xs)):
-        a = sess_ref.run(None, {name: xs[i:i + 1]})[0].astype(np.float64).ravel()
-        b = sess.run(None, {name: xs[i:i + 1]})[0].astype(np.float64).ravel()
-        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
-        rel.append(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-30)))
-    return {"cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)), "rel_err_median": float(np.median(rel))}
+def ort_dynamic(src: Path, dst: Path, ops: list[str] | None) -> float:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+    return time.perf_counter() - t0
 
 
-def _latency(sessions: dict[str, object], x: np.ndarray, runs: int, warmup: int = 3) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        name = s.get_inputs()[0].name
-        for _ in range(warmup):
-            s.run(None, {name: x})
-    for _ in range(runs):
-        for k, s in sessions.items():  # interleaved, so drift hits every model alike
-            name = s.get_inputs()[0].name
+def graphopt(src: Path, dst: Path, pipeline: str, calib_path: Path | None) -> tuple[float, bool]:
+    """Build twice; (seconds of the first build, whether the two files are identical)."""
+    cmd = [sys.executable, "-m", "graphopt.cli", "opt", str(src), "-p", pipeline, "-q"]
+    if calib_path is not None:
+        cmd += ["--calib", str(calib_path)]
+    secs = 0.0
+    for i, out in enumerate((dst, dst.with_suffix(".again.onnx"))):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd + ["-o", str(out)], capture_output=True, text=True)
+        if i == 0:
+            secs = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"graphopt -p {pipeline} exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+    again = dst.with_suffix(".again.onnx")
+    same = dst.read_bytes() == again.read_bytes()
+    again.unlink()
+    return secs, same
+
+
+def has_const_matmul(path: Path) -> bool:
+    m = onnx.load(str(path))
+    inits = {t.name for t in m.graph.initializer}
+    return any(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits for n in m.graph.node)
+
+
+# ----------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def interleaved_latency(sessions: dict, feed: dict, runs: int, warmup: int) -> dict[str, float]:
+    keys = list(sessions)
+    for _ in range(warmup):
+        for k in keys:
+            sessions[k].run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(runs):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotate the order every round
             t0 = time.perf_counter()
-            s.run(None, {name: x})
+            sessions[k].run(None, feed)
             times[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["rec", "det", "cls"], default="rec")
-    ap.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
-    ap.add_argument("--calib-n", type=int, default=32)
-    ap.add_argument("--eval-n", type=int, default=16)
-    ap.add_argument("--task-n", type=int, default=100, help="images for the task agreement (0: skip)")
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out-dir", help="keep the quantized models here")
-    ap.add_argument("--json", help="write results here")
-    args = ap.parse_args(argv)
+def raw_fidelity(ref, sess, xs: np.ndarray, name: str) -> dict[str, float]:
+    cos, rel, top1 = [], [], []
+    for i in range(len(xs)):
+        a = ref.run(None, {name: xs[i:i + 1]})[0].astype(np.float64)
+        b = sess.run(None, {name: xs[i:i + 1]})[0].astype(np.float64)
+        cos.append(float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+        rel.append(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-30)))
+        top1.append(bool(a.reshape(len(a), -1).argmax(1)[0] == b.reshape(len(b), -1).argmax(1)[0]))
+    return {"cos_mean": float(np.mean(cos)), "cos_min": float(np.min(cos)), "rel_err_median": float(np.median(rel)),
+            "top1_agreement": float(np.mean(top1))}
 
-    src = ocr_eval.original_model(args.model)
-    calib = ocr_eval.calibration_inputs(args.model, args.calib_n)
-    held = ocr_eval.calibration_inputs(args.model, args.eval_n, seed=HELD_OUT_SEED)["x"]
-    tmp = Path(args.out_dir or tempfile.mkdtemp(prefix="qvo-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    calib_path = tmp / "calib.npz"
+
+def task_metrics(kind: str, sess, data, ref_preds) -> tuple[dict, object]:
+    if kind == "rec":
+        r = ocr_eval.evaluate_rec(sess, data)
+        out = {"exact_match": r["exact_match"], "char_accuracy": r["char_accuracy"]}
+        if ref_preds is not None:
+            out.update(ocr_eval.rec_agreement(ref_preds, r["predictions"]))
+    elif kind == "det":
+        r = ocr_eval.evaluate_det(sess, data)
+        out = {"det_f1": r["f1"], "det_mean_iou": r["mean_iou"]}
+        if ref_preds is not None:
+            a = ocr_eval.det_agreement(ref_preds, r["predictions"])
+            out.update(agreement_f1=a["agreement_f1"], agreement_mean_iou=a["agreement_mean_iou"])
+    else:
+        r = ocr_eval.evaluate_cls(sess, data)
+        out = {"cls_accuracy": r["accuracy"]}
+        if ref_preds is not None:
+            out["agreement"] = ocr_eval.agreement(ref_preds, r["predictions"])
+    return out, r["predictions"]
+
+
+# What "fidelity at least onnxruntime's" compares, per kind.
+JUDGED = {"rec": ["exact_match", "char_accuracy", "agreement", "char_agreement"],
+          "det": ["det_f1", "agreement_f1"], "cls": ["cls_accuracy", "agreement"],
+          "cnn": ["cos_mean", "top1_agreement"]}
+PAIRS = {"graphopt_static": "ort_static", "graphopt_dynamic": "ort_dynamic_mm"}
+
+
+def run_model(name: str, src_path: Path, args, tmp: Path) -> dict:
+    kind = OCR.get(name, "cnn")
+    mdir = tmp / name
+    mdir.mkdir(parents=True, exist_ok=True)
+    if kind == "cnn":
+        src = mdir / f"{name}_random_fp32.onnx"
+        onnx.save(randomize_light(src_path, seed=0), str(src))
+    else:
+        src = src_path
+    sproto = onnx.load(str(src), load_external_data=False)
+    in_name = next(vi.name for vi in sproto.graph.input if vi.name not in {t.name for t in sproto.graph.initializer})
+    t0 = time.perf_counter()
+    if kind == "cnn":
+        shape = bench_models.input_shapes(name, src)[in_name]
+        calib = {in_name: np.random.default_rng(1).standard_normal([args.calib_n, *shape[1:]]).astype(np.float32)}
+        held = np.random.default_rng(0).standard_normal([args.cnn_eval_n, *shape[1:]]).astype(np.float32)
+        data = None
+    else:
+        n_cal = args.det_calib_n if kind == "det" else args.calib_n
+        calib = ocr_eval.calibration_inputs(kind, n_cal, seed=ocr_eval.CALIB_SEED, input_name=in_name)
+        held = ocr_eval.calibration_inputs(kind, args.raw_n, seed=HELD_OUT_SEED, input_name=in_name)[in_name]
+        n_task = {"rec": args.rec_n, "det": args.det_n, "cls": args.cls_n}[kind]
+        data = {"rec": ocr_eval.make_rec_dataset, "det": ocr_eval.make_det_dataset,
+                "cls": ocr_eval.make_cls_dataset}[kind](n_task, ocr_eval.EVAL_SEED)
+    render_s = time.perf_counter() - t0
+    calib_path = mdir / "calib.npz"
     np.savez(calib_path, **calib)
 
-    models = {"fp32": src}
-    build: dict[str, float] = {}
-    variants = [
-        ("graphopt", lambda d: _graphopt_quantize(src, d, calib_path, f"quantize-static{{method={args.method}}}")),
-        ("graphopt+simplify", lambda d: _graphopt_quantize(
-            src, d, calib_path, f"simplify,quantize-static{{method={args.method}}}")),
-        ("ort_u8s8_perchannel", lambda d: _ort_quantize(src, d, calib, per_channel=True, act="uint8", method=args.method)),
-        ("ort_default_s8s8", lambda d: _ort_quantize(src, d, calib, per_channel=False, act="int8", method=args.method)),
-        # onnxruntime asks for its pre-processing (Constant nodes -> initializers,
-        # shape inference, graph optimization), without which it cannot see the weights.
-        ("ort_pre_u8s8_perchannel", lambda d: _ort_quantize(_preprocessed(src, tmp), d, calib, per_channel=True,
-                                                            act="uint8", method=args.method)),
-    ]
-    for name, fn in variants:
-        dst = tmp / f"{args.model}_{name}.onnx"
-        build[name] = fn(dst)
-        models[name] = dst
+    builders = {
+        "graphopt_static": lambda d: graphopt(src, d, f"simplify,quantize-static{{method={args.method}}}", calib_path),
+        "ort_static": lambda d: (ort_static(src, d, calib, args.method, mdir), None),
+        "ort_dynamic": lambda d: (ort_dynamic(src, d, None), None),
+    }
+    if has_const_matmul(src) or has_const_matmul(_preprocessed(src, mdir)):
+        builders["graphopt_dynamic"] = lambda d: graphopt(src, d, "simplify,quantize-dynamic", None)
+        builders["ort_dynamic_mm"] = lambda d: (ort_dynamic(_preprocessed(src, mdir), d, ["MatMul", "Gemm"]), None)
 
-    sessions = {k: ocr_eval.open_session(p, args.threads) for k, p in models.items()}
-    lat = _latency(sessions, held[:1], args.runs)
-    results = {}
-    for k, p in models.items():
-        row = {"size_mb": p.stat().st_size / 2**20, "latency_ms": lat[k]}
-        if k != "fp32":
-            row.update(_fidelity(sessions["fp32"], sessions[k], held))
-            row["build_s"] = build[k]
-            if args.task_n:
-                if args.model == "rec":
-                    row.update(ocr_eval.compare_rec(sessions["fp32"], sessions[k], ocr_eval.make_rec_dataset(args.task_n)))
-                elif args.model == "det":
-                    row.update(ocr_eval.compare_det(sessions["fp32"], sessions[k], ocr_eval.make_det_dataset(args.task_n)))
-                else:
-                    row.update(ocr_eval.compare_cls(sessions["fp32"], sessions[k], ocr_eval.make_cls_dataset(args.task_n)))
-        results[k] = {a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}
-    print(f"model={args.model} method={args.method} calib={args.calib_n} eval={args.eval_n} runs={args.runs} "
-          f"threads={args.threads or 'default'}")
-    cols = sorted({c for r in results.values() for c in r})
-    print("variant".ljust(22) + "".join(c[:14].rjust(15) for c in cols))
-    for k, r in results.items():
-        print(k.ljust(22) + "".join(str(r.get(c, "")).rjust(15) for c in cols))
+    paths, rows, problems = {"fp32": src}, {"fp32": {}}, []
+    for v, build in builders.items():
+        dst = mdir / f"{v}.onnx"
+        row: dict = {}
+        try:
+            row["build_s"], det_ok = build(dst)
+            if det_ok is not None:
+                row["deterministic"] = det_ok
+                if not det_ok:
+                    problems.append(f"{name}/{v}: two graphopt runs gave different files")
+            onnx.checker.check_model(str(dst))
+            row["checker"] = True
+            session(dst, args.threads).run(None, {in_name: held[:1]})
+        except Exception as exc:  # report, measure the rest
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            problems.append(f"{name}/{v}: {row['error']}")
+            rows[v] = row
+            continue
+        paths[v], rows[v] = dst, row
+
+    sessions = {v: session(p, args.threads) for v, p in paths.items()}
+    runs = args.det_runs if kind == "det" else args.runs
+    lat = interleaved_latency(sessions, {in_name: held[:1]}, runs, args.warmup)
+    ref_preds = None
+    for v in paths:
+        row = rows[v]
+        row["size_mb"] = bench_models.file_bytes(paths[v]) / 2**20
+        row["latency_ms"] = lat[v]
+        if v != "fp32":
+            row["size_ratio"] = row["size_mb"] / rows["fp32"]["size_mb"]
+            row["latency_vs_fp32"] = lat[v] / lat["fp32"]
+            row.update(raw_fidelity(sessions["fp32"], sessions[v], held, in_name))
+        if data is not None:
+            metrics, preds = task_metrics(kind, sessions[v], data, ref_preds)
+            if v == "fp32":
+                ref_preds = preds
+            row.update(metrics)
+    for g, o in PAIRS.items():
+        if g in paths and o in paths:
+            rows[g]["latency_vs_ort"] = lat[g] / lat[o]
+            rows[g]["vs"] = o
+            if rows[g]["latency_vs_ort"] > LATENCY_SLACK:
+                problems.append(f"{name}: latency {g} {lat[g]:.1f} ms = {rows[g]['latency_vs_ort']:.2f}x {o} {lat[o]:.1f} ms")
+            for m in JUDGED[kind]:
+                if m in rows[g] and m in rows[o] and rows[g][m] < rows[o][m]:
+                    problems.append(f"{name}: fidelity {g} {m} {rows[g][m]:.4f} < {o} {rows[o][m]:.4f}")
+    return {"kind": kind, "render_s": render_s, "calib_samples": len(next(iter(calib.values()))),
+            "eval_samples": len(data) if data is not None else len(held), "runs": runs,
+            "variants": rows, "problems": problems}
+
+
+def fmt_table(name: str, res: dict) -> list[str]:
+    kind = res["kind"]
+    metric_cols = {"rec": ["exact_match", "char_accuracy", "agreement", "char_agreement", "cos_mean"],
+                   "det": ["det_f1", "det_mean_iou", "agreement_f1", "agreement_mean_iou", "cos_mean"],
+                   "cls": ["cls_accuracy", "agreement", "cos_mean"],
+                   "cnn": ["cos_mean", "cos_min", "top1_agreement"]}[kind]
+    lines = [f"{name} ({kind}; calib {res['calib_samples']}, eval {res['eval_samples']}, {res['runs']} rounds)",
+             "| variant | MB | size ratio | ms | vs fp32 | vs ORT | " + " | ".join(metric_cols) + " | checker | determ. |",
+             "|---|" * 1 + "---|" * (7 + len(metric_cols))]
+    for v, r in res["variants"].items():
+        def f(key, spec=".3f"):
+            return format(r[key], spec) if isinstance(r.get(key), (int, float)) else "-"
+        if "error" in r:
+            lines.append(f"| {v} | ERROR: {r['error'][:120]} |")
+            continue
+        lines.append(f"| {v} | {f('size_mb', '.2f')} | {f('size_ratio')} | {f('latency_ms', '.1f')} | "
+                     f"{f('latency_vs_fp32', '.2f')} | {f('latency_vs_ort', '.2f')} | "
+                     + " | ".join(f(c, ".5f" if c.startswith("cos") else ".4f") for c in metric_cols)
+                     + f" | {'ok' if r.get('checker') else '-'} | {r.get('deterministic', '-')} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help=f"comma-separated (default {','.join(DEFAULT_MODELS)}; any light model works)")
+    ap.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    ap.add_argument("--calib-n", type=int, default=32, help="calibration samples (rec/cls lines, CNN images)")
+    ap.add_argument("--det-calib-n", type=int, default=16, help="calibration pages for det")
+    ap.add_argument("--rec-n", type=int, default=200)
+    ap.add_argument("--det-n", type=int, default=50)
+    ap.add_argument("--cls-n", type=int, default=200)
+    ap.add_argument("--cnn-eval-n", type=int, default=32)
+    ap.add_argument("--raw-n", type=int, default=8, help="OCR inputs for the raw-output cosine (seed 7)")
+    ap.add_argument("--runs", type=int, default=40, help="latency rounds (each runs every variant once)")
+    ap.add_argument("--det-runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer samples and rounds")
+    ap.add_argument("--out-dir", help="keep the models here")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.calib_n, args.det_calib_n, args.rec_n, args.det_n, args.cls_n = 16, 6, 60, 12, 60
+        args.cnn_eval_n, args.raw_n, args.runs, args.det_runs = 12, 4, 15, 8
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    available = {**bench_models.light_models(), **bench_models.ppocr_models()}
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(available)}")
+    tmp = Path(args.out_dir or tempfile.mkdtemp(prefix="qvo-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    print(f"onnxruntime {onnxruntime.__version__}, {args.threads} threads, method {args.method}, "
+          f"warm-up {args.warmup}, models in {tmp}")
+    results, problems = {}, []
+    for name in names:
+        t0 = time.perf_counter()
+        res = run_model(name, available[name], args, tmp)
+        res["seconds"] = time.perf_counter() - t0
+        results[name] = res
+        problems += res["problems"]
+        print("\n".join(fmt_table(name, res)) + f"\n({res['seconds']:.0f} s)\n", flush=True)
+    print("Goals: " + ("met" if not problems else "MISSED:\n  " + "\n  ".join(problems)))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+        Path(args.json).write_text(json.dumps({"config": vars(args), "results": results, "problems": problems},
+                                              indent=2, default=str))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

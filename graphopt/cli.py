@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "'resize=224x224,fit=crop,scale=255,mean=0.485;0.456;0.406,std=0.229;0.224;0.225,"
                           "layout=NCHW,channels=RGB'")
     opt.add_argument("--calib-samples", type=int, metavar="N", help="use at most the first N calibration samples")
+    opt.add_argument("--fidelity", metavar="SPEC",
+                     help="fidelity budget for the quantization passes, e.g. 'cosine>=0.99', 'top1>=0.98', "
+                          "'max-abs<=0.05' (comma-joined: all must hold): the most sensitive nodes stay in float "
+                          "until it holds on held-out --calib samples")
     opt.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
     sub.add_parser("passes", help="list registered passes, their options and named pipelines").add_argument(
@@ -141,6 +145,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
         raise UsageError(f"--tolerance must be >= 0, got {tolerance}")
     input_shapes = parse_input_shapes(args.input_shape)
     calib = _calib_options(args, run_opts)
+    _fidelity_option(args, run_opts, pipeline, calib)
     inputs = load_npz(args.inputs, "--inputs") if args.inputs else None
 
     ctx = PassContext(
@@ -367,6 +372,26 @@ def _calib_options(args: argparse.Namespace, run_opts: dict[str, Any]) -> dict[s
         return None
     check_spec(str(spec), preprocess, samples)
     return {"spec": str(spec), "preprocess": preprocess, "samples": samples}
+
+
+def _fidelity_option(args: argparse.Namespace, run_opts: dict[str, Any], pipeline: Any,
+                     calib: dict[str, Any] | None) -> None:
+    """--fidelity (or ``fidelity`` under [run]): parsed now, needs --calib and a
+    pass that takes a budget; passes read it from ``ctx.options["fidelity"]``."""
+    from graphopt.fidelity import parse_fidelity
+
+    spec = args.fidelity if args.fidelity is not None else run_opts.get("fidelity")
+    if spec is None:
+        return
+    if not isinstance(spec, str):
+        raise UsageError(f"--fidelity: expected a spec such as 'cosine>=0.99', got {spec!r}")
+    parse_fidelity(spec, "--fidelity")
+    if calib is None:
+        raise UsageError(f"--fidelity '{spec}' needs --calib: the budget is checked on held-out calibration samples")
+    if not any("fidelity" in p.option_specs() for p in pipeline.passes()):
+        raise UsageError(f"--fidelity '{spec}': no pass in the pipeline takes a fidelity budget "
+                         "(quantize-static, quantize-dynamic)")
+    run_opts["fidelity"] = spec
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, list[int]]:

@@ -220,6 +220,7 @@ RUN_KEYS = {
     "calib": str,
     "calib-preprocess": str,
     "calib-samples": int,
+    "fidelity": str,
 }
 
 

@@ -238,6 +238,8 @@ def quantize_dynamic(
         node = site.node
         if node.name and node.name in keep:
             counts["kept_float"] += 1
+            if node.name in smoothing and smoothing[node.name].folded:  # its input is x/s already: W -> diag(s) W
+                node.inputs[1] = b.const(site.weight.name + "_smoothed", _smoothed_float_weight(site, smoothing[node.name]))
             continue
         smooth = smoothing.get(node.name) if node.name else None
         if smooth is not None and np.shape(smooth.scale) != (site.k,):
@@ -271,6 +273,13 @@ def _quantized_weight(b: _Builder, site: Site, config: DynamicConfig, smooth: Sm
         )
         counts["weights"] += 1
     return b.weight_cache[key]
+
+
+def _smoothed_float_weight(site: Site, smooth: Smoothing) -> np.ndarray:
+    """The float weight as stored, times ``diag(s)`` along K (for a site kept in float)."""
+    s = np.asarray(smooth.scale, np.float64)
+    w = np.asarray(site.weight.values, np.float64)
+    return (w * s[None, :] if site.trans_b else w * s[:, None]).astype(np.float32)
 
 
 def _smoothed_input(b: _Builder, x: gs.Tensor, smooth: Smoothing | None, label: str) -> gs.Tensor:
@@ -371,9 +380,34 @@ class QuantizeDynamic(Pass):
     exclude_regex = Option(str, "", "nodes whose name matches this regular expression are left in float")
     format = Option(str, "fused", "fused: com.microsoft DynamicQuantizeMatMul; onnx: standard "
                     "DynamicQuantizeLinear+MatMulInteger", choices=("fused", "onnx"))
+    smooth = Option(bool, False, "SmoothQuant: move activation outliers into the weights, 1/s folded into the "
+                    "preceding LayerNormalization/Mul (needs --calib; see recovery.py)")
+    smooth_alpha = Option(float, 0.5, "smoothing strength a: s = max|X|^a / max|W|^(1-a)", min=0.0, max=1.0)
+    smooth_unfolded = Option(bool, False, "smooth activations that cannot be folded too, with an inserted Mul")
+
+    fidelity = Option(str, "", 'fidelity budget, e.g. "cosine>=0.99" (see graphopt.fidelity): the most sensitive '
+                      "nodes stay in float until it holds on held-out calibration samples; empty: none "
+                      "(graphopt opt --fidelity sets it for every quantization pass)")
+    fidelity_holdout = Option(float, 0.5, "fraction of calibration samples held out to check the fidelity budget",
+                              min=0.01, max=0.99)
+    fidelity_samples = Option(int, 16, "calibration samples (not held out) used to rank nodes by sensitivity",
+                              min=1)
+    fidelity_probes = Option(int, 128, "at most this many sensitivity probes (beyond: neighbouring nodes are "
+                             "probed in groups)", min=1)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.fidelity:  # a bad spec fails with the pipeline text, before any work
+            from graphopt.fidelity import parse_fidelity
+
+            parse_fidelity(self.fidelity, f"pass '{self.name}': option 'fidelity'")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from passes.quantization.sensitivity import fidelity_spec
+        from passes.quantization.recovery import smooth_sites
+
         selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex)
+        spec = fidelity_spec(self, ctx)
         if self.format == "onnx" and default_opset(model) < 11:
             return PassResult(False, {"quantized": 0}, ["format=onnx needs opset >= 11 (DynamicQuantizeLinear)"])
         notes: list[str] = []
@@ -381,6 +415,87 @@ class QuantizeDynamic(Pass):
         shared = ctx.scratch.get(SCRATCH_KEY, {})
         config = DynamicConfig(per_channel=self.per_channel, signed=self.weight_type == "int8",
                                reduce_range=self.reduce_range, fmt=self.format)
-        counts = quantize_dynamic(model, sites, config, keep_float=shared.get("keep_float", ()),
-                                  smoothing=shared.get("smoothing"))
-        return PassResult(changed=counts["quantized"] > 0, stats=counts, notes=notes)
+        keep = set(shared.get("keep_float", ()))
+        shared, smooth_stats = smooth_sites(self, model, sites, ctx, shared, notes)  # recovery.py (SmoothQuant)
+        fidelity = None
+        if spec is not None:
+            fidelity = self._fit(model, ctx, spec, selection, sites, config, keep, shared.get("smoothing"))
+            keep |= fidelity.keep
+        counts = quantize_dynamic(model, sites, config, keep_float=keep, smoothing=shared.get("smoothing"))
+        stats: dict = dict(counts)
+        stats.update(smooth_stats)
+        if fidelity is not None:
+            if counts["quantized"]:
+                fidelity.verify(model.to_proto(), model.source_dir)
+            stats["fidelity"] = fidelity.stats
+            notes.append(fidelity.note)
+            ctx.info(f"graphopt: {self.name}: {fidelity.note}")
+        return PassResult(changed=counts["quantized"] > 0, stats=stats, notes=notes)
+
+    def _fit(self, model: Model, ctx: PassContext, spec, selection: Selection, sites: list[Site],
+             config: DynamicConfig, keep: set[str], smoothing):
+        """Rank the sites by the output error each causes alone and keep the
+        worst in float until ``spec`` holds on held-out samples (sensitivity.py)."""
+        from passes.quantization import sensitivity as sens
+
+        taken = {n.name for n in model.graph.nodes if n.name}
+        for site in sites:  # keep_float works by name: name the unnamed
+            if not site.node.name:
+                site.node.name = fresh_name(taken, f"{site.node.op}_{site.node.outputs[0].name}")
+        nodes = [(s.node.name, s.node.op) for s in sites if s.node.name not in keep]
+        rank_samples, held_samples, _ = sens.split_samples(ctx.calibration, self.fidelity_holdout, ctx.seed,
+                                                           self.fidelity_samples)
+        names, (rank_refs, held_refs) = sens.reference_outputs(model.to_proto(), model.source_dir,
+                                                               rank_samples, held_samples)
+        if smoothing:
+            def build(extra: frozenset[str]):
+                m = model.copy()
+                quantize_dynamic(m, find_sites(m, selection, []), config, keep_float=keep | extra,
+                                 smoothing=smoothing)
+                return m.to_proto()
+
+            candidates = sens.RebuildCandidates(build, names, model.source_dir)
+            method = "isolated (one model per probe)"
+        else:
+            proto, switches = switched_model(model, selection, config, {n for n, _ in nodes})
+            candidates = sens.SwitchedCandidates(proto, switches, names, model.source_dir)
+            method = "isolated (switched model)"
+        return sens.search(spec, nodes, candidates, rank_samples, rank_refs, held_samples, held_refs,
+                           max_probes=self.fidelity_probes, quiet=ctx.quiet, method=method)
+
+
+def switched_model(model: Model, selection: Selection, config: DynamicConfig, names: set[str]):
+    """A copy of ``model`` in which every site named in ``names`` computes
+    ``y = y_float + s * (y_quantized - y_float)`` with ``s`` a new scalar float
+    input; returns ``(proto, {node name: switch input name})``.  The quantized
+    result is DynamicQuantizeMatMul with the weight quantized as the pass does
+    (format=onnx computes the same values up to rounding)."""
+    m = model.copy()
+    b = _Builder(m)
+    counts: dict[str, int] = {"weights": 0}
+    switches: dict[str, str] = {}
+    for site in find_sites(m, selection, []):
+        node = site.node
+        if node.name not in names:
+            continue
+        wq, wscale, wzp, _ = _quantized_weight(b, site, config, None, counts)
+        x, y = node.inputs[0], node.outputs[0]
+        yf = b.var(y.name + "_float", y.dtype)
+        yq = b.var(y.name + "_quant", y.dtype)
+        node.outputs[0] = yf
+        inputs = [x, wq, wscale, wzp]
+        if site.bias is not None:
+            inputs.append(b.const(site.weight.name + "_bias", site.bias))
+        b.node("DynamicQuantizeMatMul", f"{node.name}_fidelity_quant", inputs, [yq], domain=MS_DOMAIN)
+        s = gs.Variable(fresh_name(b.names, f"graphopt_fidelity_switch_{len(switches)}"), dtype=np.float32,
+                        shape=[])
+        m.graph.inputs.append(s)
+        d = b.var(y.name + "_qdiff", y.dtype)
+        sd = b.var(y.name + "_qdiff_switched", y.dtype)
+        b.node("Sub", f"{node.name}_fidelity_sub", [yq, yf], [d])
+        b.node("Mul", f"{node.name}_fidelity_mul", [d, s], [sd])
+        b.node("Add", f"{node.name}_fidelity_add", [yf, sd], [y])
+        switches[node.name] = s.name
+    m.graph.nodes.extend(b.new_nodes)
+    m.graph.toposort()
+    return m.to_proto(), switches

@@ -42,7 +42,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, is_graph_input, is_graph_output
+from graphopt.rewrite import as_constant, fresh_name, is_graph_input, is_graph_output
 from passes.cleanup import STANDARD_DOMAINS, default_opset, overridable_names
 from passes.quantization.common import (
     BINARY_OPS,
@@ -115,13 +115,36 @@ class QuantizeStatic(Pass):
     fuse_activations = Option(bool, True, "absorb Relu/Clip after a quantized op into its output range")
     quantize_bias = Option(bool, True, "int32 bias for Conv/Gemm (else the bias stays float)")
     upgrade_opset = Option(bool, True, "upgrade opset < 13 to 13 (onnx version converter) for per-channel")
+    bias_correction = Option(bool, True, "subtract the mean output error of weight quantization (measured on the "
+                             "calibration data) from each channel's bias; see recovery.py")
+    equalize = Option(bool, False, "cross-layer equalization of Conv->Relu->Conv chains before quantizing")
+    fidelity = Option(str, "", 'fidelity budget, e.g. "cosine>=0.99" (see graphopt.fidelity): the most sensitive '
+                      "nodes stay in float until it holds on held-out calibration samples, which calibration "
+                      "then does not see; empty: none (graphopt opt --fidelity sets it for every quantization pass)")
+    fidelity_holdout = Option(float, 0.5, "fraction of calibration samples held out to check the fidelity budget",
+                              min=0.01, max=0.99)
+    fidelity_samples = Option(int, 16, "calibration samples (not held out) used to rank nodes by sensitivity",
+                              min=1)
+    fidelity_probes = Option(int, 48, "at most this many sensitivity probes, each a model build (beyond: "
+                             "neighbouring nodes are probed in groups)", min=1)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.fidelity:  # a bad spec fails with the pipeline text, before any work
+            from graphopt.fidelity import parse_fidelity
+
+            parse_fidelity(self.fidelity, f"pass '{self.name}': option 'fidelity'")
 
     # ------------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from passes.quantization import recovery
+        from passes.quantization import sensitivity as sens
+
         data = getattr(ctx, "calibration", None)
         if data is None:
             raise UsageError(f"pass '{self.name}' needs calibration data: pass --calib PATH "
                              f"(a .npz, a folder of arrays or images, or random:N)")
+        spec = sens.fidelity_spec(self, ctx)
         try:
             regex = re.compile(self.exclude_regex) if self.exclude_regex else None
         except re.error as exc:
@@ -139,31 +162,74 @@ class QuantizeStatic(Pass):
                 per_channel = False
                 notes.append(f"opset {opset} < 13: per-tensor weight scales instead of per-channel")
         annotate_shapes(model)
+        if spec is not None:  # keep-float works by name: name the unnamed
+            taken = {n.name for n in model.graph.nodes if n.name}
+            for node in model.graph.nodes:
+                if not node.name and node.op in self.ops:
+                    node.name = fresh_name(taken, f"{node.op}_{node.outputs[0].name if node.outputs else 'node'}")
+        notes += recovery.static_equalize(self, model)
         plan = self._plan(model, regex, per_channel)
         if not plan.nodes:
             return PassResult(False, {"quantized_nodes": 0}, notes + ["no quantizable node"])
+        fidelity = None
+        if spec is not None:  # calibration must not see the held-out samples
+            rank_samples, held_samples, data = sens.split_samples(data, self.fidelity_holdout, ctx.seed,
+                                                                  self.fidelity_samples)
         if self.samples and self.samples < len(data):
             data = data.take(self.samples)
         ranges = self._calibrate(model, plan, data)
         missing = [n for n in plan.activations if n not in ranges]
         if missing:
             notes.append(f"{len(missing)} tensor(s) without a calibrated range left in float")
+        if spec is not None:
+            fidelity = self._fit(model, ctx, spec, regex, per_channel, plan, ranges, rank_samples, held_samples)
+            plan = self._plan(model, regex, per_channel, fidelity.keep)
+        corrected = recovery.static_bias_correction(self, model, plan, ranges, data, per_channel, notes)
         stats = self._apply(model, plan, ranges, per_channel)
+        stats.update(corrected)
+        if fidelity is not None:
+            if stats["quantized_nodes"]:
+                fidelity.verify(model.to_proto(), model.source_dir)
+            stats["fidelity"] = fidelity.stats
+            notes.append(fidelity.note)
+            ctx.info(f"graphopt: {self.name}: {fidelity.note}")
         stats["method"] = self.method
         stats["samples"] = len(data)
         for op, n in sorted(plan.skipped.items()):
             stats[f"skipped_{op}"] = n
         return PassResult(stats["quantized_nodes"] > 0, stats, notes)
 
+    def _fit(self, model: Model, ctx: PassContext, spec, regex, per_channel: bool, plan: _Plan,
+             ranges: dict[str, tuple[float, float]], rank_samples, held_samples):
+        """Rank the quantized nodes by the output error each causes alone and
+        keep the worst in float until ``spec`` holds on held-out samples
+        (sensitivity.py).  Ranges are calibrated once and reused by every
+        candidate model."""
+        from passes.quantization import sensitivity as sens
+
+        nodes = [(n.name, n.op) for n in plan.nodes if n.op not in PASSTHROUGH_OPS and n.name]
+        names, (rank_refs, held_refs) = sens.reference_outputs(model.to_proto(), model.source_dir,
+                                                               rank_samples, held_samples)
+
+        def build(keep: frozenset[str]):
+            m = model.copy()
+            self._apply(m, self._plan(m, regex, per_channel, keep), ranges, per_channel)
+            return m.to_proto()
+
+        candidates = sens.RebuildCandidates(build, names, model.source_dir)
+        return sens.search(spec, nodes, candidates, rank_samples, rank_refs, held_samples, held_refs,
+                           max_probes=self.fidelity_probes, quiet=ctx.quiet, method="isolated (one model per probe)")
+
     # ------------------------------------------------------------------------------
-    def _excluded(self, node: gs.Node, regex) -> bool:
+    def _excluded(self, node: gs.Node, regex, extra: frozenset[str] = frozenset()) -> bool:
         return (
-            node.name in self.exclude_nodes
+            node.name in extra
+            or node.name in self.exclude_nodes
             or node.op in self.exclude_ops
             or (regex is not None and bool(regex.search(node.name or "")))
         )
 
-    def _plan(self, model: Model, regex, per_channel: bool) -> _Plan:
+    def _plan(self, model: Model, regex, per_channel: bool, extra: frozenset[str] = frozenset()) -> _Plan:
         graph = model.graph
         graph.toposort()
         overridable = overridable_names(model)
@@ -179,7 +245,7 @@ class QuantizeStatic(Pass):
 
         for node in graph.nodes:
             op = node.op
-            if node.domain not in STANDARD_DOMAINS or op not in wanted or self._excluded(node, regex):
+            if node.domain not in STANDARD_DOMAINS or op not in wanted or self._excluded(node, regex, extra):
                 continue
             if not node.outputs or not node.inputs:
                 continue
