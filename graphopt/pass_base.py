@@ -174,11 +174,13 @@ class Pass:
 
     @classmethod
     def option_specs(cls) -> dict[str, Option]:
+        # The class's own options first, then inherited ones (mixins); the
+        # most derived definition of a name wins.
         specs: dict[str, Option] = {}
-        for klass in reversed(cls.__mro__):
+        for klass in cls.__mro__:
             for attr, value in vars(klass).items():
                 if isinstance(value, Option):
-                    specs[attr] = value
+                    specs.setdefault(attr, value)
         return specs
 
     @classmethod

@@ -38,6 +38,7 @@ from graphopt.registry import register_pass
 from graphopt.rewrite import as_constant, fresh_name, sole_consumer
 from passes.cleanup import STANDARD_DOMAINS, default_opset, lacks_annotations, overridable_names
 from passes.quantization.common import quantize_weight
+from passes.quantization.sensitivity import FidelityBudgetOptions
 from passes.shapes import annotate_shapes
 
 MS_DOMAIN = "com.microsoft"
@@ -365,7 +366,7 @@ def _quantize_site(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoot
 
 
 @register_pass("quantize-dynamic")
-class QuantizeDynamic(Pass):
+class QuantizeDynamic(FidelityBudgetOptions, Pass):
     """Quantize MatMul/Gemm weights to int8 with activations quantized at run
     time (onnxruntime DynamicQuantizeMatMul, or standard MatMulInteger ops)."""
 
@@ -385,22 +386,8 @@ class QuantizeDynamic(Pass):
     smooth_alpha = Option(float, 0.5, "smoothing strength a: s = max|X|^a / max|W|^(1-a)", min=0.0, max=1.0)
     smooth_unfolded = Option(bool, False, "smooth activations that cannot be folded too, with an inserted Mul")
 
-    fidelity = Option(str, "", 'fidelity budget, e.g. "cosine>=0.99" (see graphopt.fidelity): the most sensitive '
-                      "nodes stay in float until it holds on held-out calibration samples; empty: none "
-                      "(graphopt opt --fidelity sets it for every quantization pass)")
-    fidelity_holdout = Option(float, 0.5, "fraction of calibration samples held out to check the fidelity budget",
-                              min=0.01, max=0.99)
-    fidelity_samples = Option(int, 16, "calibration samples (not held out) used to rank nodes by sensitivity",
-                              min=1)
-    fidelity_probes = Option(int, 128, "at most this many sensitivity probes (beyond: neighbouring nodes are "
-                             "probed in groups)", min=1)
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.fidelity:  # a bad spec fails with the pipeline text, before any work
-            from graphopt.fidelity import parse_fidelity
-
-            parse_fidelity(self.fidelity, f"pass '{self.name}': option 'fidelity'")
+    fidelity_probes = Option(int, 128, "at most this many sensitivity probes, each one run of a single switched "
+                             "model (beyond: neighbouring nodes are probed in groups)", min=1)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         from passes.quantization.sensitivity import fidelity_spec

@@ -36,7 +36,7 @@ from graphopt.errors import PassError
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import fresh_name, is_graph_input, is_graph_output
+from graphopt.rewrite import fresh_name, is_graph_output
 from passes.cleanup import STANDARD_DOMAINS, overridable_names
 from passes.shapes import annotate_shapes
 

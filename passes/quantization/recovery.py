@@ -55,7 +55,6 @@ def channel_stats(model: Model, data: Iterable[Mapping[str, np.ndarray]], axes: 
     for NCHW).  The model is run in onnxruntime with those tensors exposed as
     extra outputs; tensors it cannot produce are missing from the result.
     """
-    import onnx
     from onnx import TensorProto, helper
 
     from graphopt import runtime

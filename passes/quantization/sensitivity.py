@@ -44,6 +44,7 @@ from graphopt import runtime
 from graphopt.console import progress
 from graphopt.errors import UsageError
 from graphopt.fidelity import FidelityReport, FidelitySpec, MetricAccumulator, parse_fidelity
+from graphopt.pass_base import Option
 
 Feeds = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -64,6 +65,28 @@ def fidelity_spec(p: Any, ctx: Any) -> FidelitySpec | None:
     if getattr(ctx, "calibration", None) is None:
         raise UsageError(f"{where} needs calibration data to measure on: pass --calib PATH")
     return spec
+
+
+class FidelityBudgetOptions:
+    """The fidelity-budget options of a quantization pass; mix in before Pass.
+
+    A bad spec fails when the pipeline is parsed, before any work."""
+
+    fidelity = Option(str, "", 'fidelity budget, e.g. "cosine>=0.99" (see graphopt.fidelity): the most sensitive '
+                      "nodes stay in float until it holds on held-out calibration samples, which calibration "
+                      "then does not see; empty: none (graphopt opt --fidelity sets it for every quantization pass)")
+    fidelity_holdout = Option(float, 0.5, "fraction of calibration samples held out to check the fidelity budget",
+                              min=0.01, max=0.99)
+    fidelity_samples = Option(int, 16, "calibration samples (not held out) used to rank nodes by sensitivity",
+                              min=1)
+    fidelity_probes = Option(int, 48, "at most this many sensitivity probes (beyond: neighbouring nodes are "
+                             "probed in groups)", min=1)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.fidelity:
+            parse_fidelity(self.fidelity, f"pass '{self.name}': option 'fidelity'")
+
 
 
 def split_samples(data: Any, holdout: float, seed: int, max_rank_samples: int) -> tuple[list, list, Any]:

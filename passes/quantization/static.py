@@ -57,6 +57,7 @@ from passes.quantization.common import (
     quantize_weight,
     weight_axis,
 )
+from passes.quantization.sensitivity import FidelityBudgetOptions
 from passes.shapes import annotate_shapes
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -90,7 +91,7 @@ class _Plan:
 
 
 @register_pass("quantize-static")
-class QuantizeStatic(Pass):
+class QuantizeStatic(FidelityBudgetOptions, Pass):
     """Insert calibrated QuantizeLinear/DequantizeLinear pairs (QDQ) on weights
     and activations, placed where onnxruntime/TensorRT run integer kernels.
     Needs calibration data (--calib)."""
@@ -118,22 +119,6 @@ class QuantizeStatic(Pass):
     bias_correction = Option(bool, True, "subtract the mean output error of weight quantization (measured on the "
                              "calibration data) from each channel's bias; see recovery.py")
     equalize = Option(bool, False, "cross-layer equalization of Conv->Relu->Conv chains before quantizing")
-    fidelity = Option(str, "", 'fidelity budget, e.g. "cosine>=0.99" (see graphopt.fidelity): the most sensitive '
-                      "nodes stay in float until it holds on held-out calibration samples, which calibration "
-                      "then does not see; empty: none (graphopt opt --fidelity sets it for every quantization pass)")
-    fidelity_holdout = Option(float, 0.5, "fraction of calibration samples held out to check the fidelity budget",
-                              min=0.01, max=0.99)
-    fidelity_samples = Option(int, 16, "calibration samples (not held out) used to rank nodes by sensitivity",
-                              min=1)
-    fidelity_probes = Option(int, 48, "at most this many sensitivity probes, each a model build (beyond: "
-                             "neighbouring nodes are probed in groups)", min=1)
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.fidelity:  # a bad spec fails with the pipeline text, before any work
-            from graphopt.fidelity import parse_fidelity
-
-            parse_fidelity(self.fidelity, f"pass '{self.name}': option 'fidelity'")
 
     # ------------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
