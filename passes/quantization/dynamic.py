@@ -412,11 +412,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         stats: dict = dict(counts)
         stats.update(smooth_stats)
         if fidelity is not None:
-            if counts["quantized"]:
-                fidelity.verify(model.to_proto(), model.source_dir)
-            stats["fidelity"] = fidelity.stats
-            notes.append(fidelity.note)
-            ctx.info(f"graphopt: {self.name}: {fidelity.note}")
+            fidelity.conclude(model, counts["quantized"] > 0, stats, notes, ctx, self.name)
         return PassResult(changed=counts["quantized"] > 0, stats=stats, notes=notes)
 
     def _fit(self, model: Model, ctx: PassContext, spec, selection: Selection, sites: list[Site],

@@ -305,6 +305,16 @@ class SearchOutcome:
         return report
 
 
+    def conclude(self, model, quantized: bool, stats: dict, notes: list[str], ctx, pass_name: str) -> None:
+        """Measure what the pass wrote (when it quantized anything), put the
+        fidelity block into the pass's stats and say the outcome."""
+        if quantized:
+            self.verify(model.to_proto(), model.source_dir)
+        stats["fidelity"] = self.stats
+        notes.append(self.note)
+        ctx.info(f"graphopt: {pass_name}: {self.note}")
+
+
 def search(spec: FidelitySpec, nodes: Sequence[tuple[str, str]], candidates: Candidates,
            rank_samples: Sequence[Feeds], rank_refs: Sequence[Outputs],
            held_samples: Sequence[Feeds], held_refs: Sequence[Outputs], *,

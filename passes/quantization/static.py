@@ -173,11 +173,7 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
         stats = self._apply(model, plan, ranges, per_channel)
         stats.update(corrected)
         if fidelity is not None:
-            if stats["quantized_nodes"]:
-                fidelity.verify(model.to_proto(), model.source_dir)
-            stats["fidelity"] = fidelity.stats
-            notes.append(fidelity.note)
-            ctx.info(f"graphopt: {self.name}: {fidelity.note}")
+            fidelity.conclude(model, stats["quantized_nodes"] > 0, stats, notes, ctx, self.name)
         stats["method"] = self.method
         stats["samples"] = len(data)
         for op, n in sorted(plan.skipped.items()):
