@@ -5,7 +5,7 @@ from passes import cleanup, folding, fusion, quantization, shapes  # noqa: F401
 
 register_pipeline(
     "simplify",
-    "fixpoint{max-iterations=8}(infer-shapes,fold-constants,eliminate-identity,fuse-batchnorm,fuse-gemm,cse,"
-    "eliminate-dead-code)",
+    "fixpoint{max-iterations=8}(infer-shapes,fold-constants,eliminate-identity,fuse-batchnorm,fuse-conv-affine,"
+    "fuse-gemm,cse,eliminate-dead-code)",
     "the default: shape inference, folding, identity removal, fusion, CSE and DCE to a fixpoint",
 )

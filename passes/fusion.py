@@ -114,7 +114,7 @@ def _bn_affine(fuser: _Fuser, bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | No
     return a, bias - mean * a
 
 
-def _fold_conv(fuser: _Fuser, conv: gs.Node, a: np.ndarray, b: np.ndarray) -> bool:
+def _fold_conv(fuser: _Fuser, conv: gs.Node, a: np.ndarray, b: np.ndarray, suffix: str = "_bn") -> bool:
     weight = fuser.const(conv.inputs[1]) if len(conv.inputs) > 1 else None
     if weight is None or len(weight.shape) < 3 or _float_dtype(weight.dtype) is None:
         return False
@@ -143,8 +143,9 @@ def _fold_conv(fuser: _Fuser, conv: gs.Node, a: np.ndarray, b: np.ndarray) -> bo
     dtype = np.dtype(weight.dtype)
     new_inputs = [
         conv.inputs[0],
-        fuser.new_const(weight.name + "_bn", new_w.astype(dtype)),
-        fuser.new_const((bias_t.name if bias_t is not None else weight.name) + "_bn_bias", (old_bias * a + b).astype(dtype)),
+        fuser.new_const(weight.name + suffix, new_w.astype(dtype)),
+        fuser.new_const((bias_t.name if bias_t is not None else weight.name) + suffix + "_bias",
+                        (old_bias * a + b).astype(dtype)),
     ]
     _set_inputs(conv, new_inputs + list(conv.inputs[3:]))
     return True
@@ -274,6 +275,69 @@ class FuseBatchNorm(Pass):
         stats: dict[str, int] = {"fused": fused}
         stats.update({f"into_{op}": n for op, n in sorted(counts.items())})
         return PassResult(changed=fused > 0, stats=stats)
+
+
+# ----------------------------------------------------------------------------------
+# Conv followed by a per-channel Add/Sub/Mul
+# ----------------------------------------------------------------------------------
+def _channel_affine(fuser: _Fuser, node: gs.Node, x: gs.Tensor, rank: int, cout: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``node(x)`` as ``x * a + b`` per output channel, when its other input is
+    a constant that varies at most along the channel axis (and so cannot
+    change the shape of ``x``); None otherwise."""
+    if len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    first = node.inputs[0] is x
+    other = fuser.const(node.inputs[1] if first else node.inputs[0])
+    if other is None or _float_dtype(other.dtype) is None or len(other.shape) > rank:
+        return None
+    shape = (1,) * (rank - len(other.shape)) + tuple(other.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, cout):
+        return None
+    c = np.broadcast_to(np.asarray(other.values, dtype=np.float64).reshape(-1), (cout,))
+    ones, zeros = np.ones(cout), np.zeros(cout)
+    if node.op == "Add":
+        return ones, c
+    if node.op == "Sub":
+        return (ones, -c) if first else (-ones, c)
+    if node.op == "Mul":
+        return c, zeros
+    return None
+
+
+def _fuse_one_affine(fuser: _Fuser, node: gs.Node) -> bool:
+    for x in node.inputs:
+        conv = _producer(x)
+        if not (_is_op(conv, "Conv") or _is_op(conv, "ConvTranspose")) or len(conv.outputs) != 1:
+            continue
+        if sole_consumer(fuser.graph, x) is not node:
+            continue
+        weight = fuser.const(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        if weight is None or len(weight.shape) < 3:
+            return False
+        group = int(conv.attrs.get("group", 1))
+        cout = weight.shape[0] if conv.op == "Conv" else weight.shape[1] * group
+        affine = _channel_affine(fuser, node, x, len(weight.shape), cout)
+        if affine is None or not _fold_conv(fuser, conv, *affine, suffix="_affine"):
+            return False
+        fuser.take_output(conv, node)
+        return True
+    return False
+
+
+@register_pass("fuse-conv-affine")
+class FuseConvAffine(Pass):
+    """Fold a per-channel constant Add, Sub or Mul after a Conv or ConvTranspose
+    into its weights and bias (exporters leave these behind, and quantized
+    runtimes would otherwise run them as separate integer kernels)."""
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        fuser = _Fuser(model)
+        fused = 0
+        for node in list(model.graph.nodes):
+            if node.op in ("Add", "Sub", "Mul") and node.domain in STANDARD_DOMAINS and id(node) not in fuser.removed:
+                fused += _fuse_one_affine(fuser, node)
+        fuser.finish()
+        return PassResult(changed=fused > 0, stats={"fused": fused})
 
 
 # ----------------------------------------------------------------------------------

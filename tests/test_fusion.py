@@ -253,3 +253,39 @@ def test_matmul_with_variable_weight_not_fused():
     proto = make_model(nodes, [vi("x", [2, 4]), vi("w", [4, 5])], [vi("y", [2, 5])], {"b": np.zeros(5, F)})
     _, result, _ = apply(proto, "fuse-gemm")
     assert not result.changed
+
+
+# -- fuse-conv-affine --------------------------------------------------------------------
+def _conv_then(op: str, const_shape, const_first: bool = False, extra_consumer: bool = False):
+    rng = np.random.default_rng(7)
+    ins = ["c", "k"] if const_first else ["k", "c"]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["k"], pads=[1, 1, 1, 1]),
+             helper.make_node(op, ins, ["y"])]
+    outputs = [vi("y", [1, 4, 5, 5])]
+    if extra_consumer:
+        nodes.append(helper.make_node("Relu", ["k"], ["z"]))
+        outputs.append(vi("z", [1, 4, 5, 5]))
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+             "c": rng.standard_normal(const_shape).astype(np.float32)}
+    return make_model(nodes, [vi("x", [1, 3, 5, 5])], outputs, inits)
+
+
+@pytest.mark.parametrize("op, shape, first", [
+    ("Add", (1, 4, 1, 1), False), ("Add", (4, 1, 1), True), ("Sub", (4, 1, 1), False),
+    ("Sub", (1, 4, 1, 1), True), ("Mul", (1, 4, 1, 1), False), ("Mul", (1,), True),
+])
+def test_fuse_conv_affine_folds_per_channel_constants(op, shape, first):
+    proto = _conv_then(op, shape, const_first=first)
+    _, result, after = apply(proto, "fuse-conv-affine")
+    assert op_types(after) == ["Conv"]
+    assert after.graph.node[0].output[0] == "y" and len(after.graph.node[0].input) == 3
+    assert result.records[0].stats == {"fused": 1}
+    assert_same_outputs(proto, after, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape, extra", [((1, 4, 5, 5), False), ((5,), False), ((1, 4, 1, 1), True)])
+def test_fuse_conv_affine_leaves_spatial_constants_and_shared_outputs(shape, extra):
+    proto = _conv_then("Add", shape, extra_consumer=extra)
+    _, result, after = apply(proto, "fuse-conv-affine")
+    assert "Add" in op_types(after) and not result.changed
+    assert_same_outputs(proto, after, rel=0)
