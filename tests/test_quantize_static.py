@@ -287,6 +287,21 @@ def test_opset12_is_upgraded_for_per_channel():
     assert _inits(kept)[dq.input[1]].shape == () and not any(a.name == "axis" for a in dq.attribute)
 
 
+def test_opset9_has_no_quantizelinear_and_is_upgraded():
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    proto = make_model(nodes, [vi("x", [1, 2, 4, 4])], [vi("y", [1, 3, 4, 4])],
+                       {"w": rng.standard_normal((3, 2, 1, 1)).astype(F)}, opset=9)
+    _, result, after = _q(proto)
+    onnx.checker.check_model(after)
+    assert next(o.version for o in after.opset_import if o.domain == "") == 13
+    assert "QuantizeLinear" in [n.op_type for n in after.graph.node]
+    _, result, kept = _q(proto, "upgrade-opset=false")
+    assert not result.changed and "could not be upgraded" in result.records[0].notes[0]
+    f = {"x": rng.standard_normal((1, 2, 4, 4)).astype(F)}
+    assert _cos(ort_run(proto, f)["y"], ort_run(after, f)["y"]) >= 0.99
+
+
 def test_deterministic():
     proto = _small_cnn()
     outs = [_q(proto, "method=entropy")[2].SerializeToString(deterministic=True) for _ in range(2)]

@@ -115,7 +115,7 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
     exclude_regex = Option(str, "", "node names matching this regex (re.search) are left in float")
     fuse_activations = Option(bool, True, "absorb Relu/Clip after a quantized op into its output range")
     quantize_bias = Option(bool, True, "int32 bias for Conv/Gemm (else the bias stays float)")
-    upgrade_opset = Option(bool, True, "upgrade opset < 13 to 13 (onnx version converter) for per-channel")
+    upgrade_opset = Option(bool, True, "upgrade opset < 13 to 13 (onnx version converter): QDQ needs 10, per-channel 13")
     bias_correction = Option(bool, True, "subtract the mean output error of weight quantization (measured on the "
                              "calibration data) from each channel's bias; see recovery.py")
     equalize = Option(bool, False, "cross-layer equalization of Conv->Relu->Conv chains before quantizing")
@@ -135,9 +135,14 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
         except re.error as exc:
             raise UsageError(f"pass '{self.name}': option 'exclude-regex' is not a valid regex ({exc})") from None
         opset = default_opset(model)
-        if opset < 10:
-            return PassResult(False, {"quantized_nodes": 0}, [f"opset {opset} < 10 has no QuantizeLinear; nothing done"])
         notes: list[str] = []
+        if opset < 10:
+            # QuantizeLinear arrived in opset 10: older models need the upgrade.
+            if not (self.upgrade_opset and _upgrade_opset(model, 13)):
+                return PassResult(False, {"quantized_nodes": 0},
+                                  [f"opset {opset} < 10 has no QuantizeLinear and could not be upgraded; nothing done"])
+            notes.append(f"opset {opset} upgraded to 13 (QuantizeLinear needs 10, per-channel scales 13)")
+            opset = 13
         per_channel = self.per_channel
         if per_channel and opset < 13:
             if self.upgrade_opset and _upgrade_opset(model, 13):
