@@ -52,6 +52,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_vs_ort import session  # noqa: E402  (one way to open a timed session)
+
 LATENCY_SLACK = 1.05
 OPSET = 17
 
@@ -164,16 +167,6 @@ def _ort_dynamic(src: Path, dst: Path, per_channel: bool) -> float:
 def graphopt_has_option(flag: str) -> bool:
     proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "opt", "--help"], capture_output=True, text=True)
     return flag in proc.stdout
-
-
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def interleaved_latency(sessions: dict, feed_of, runs: int, warmup: int) -> dict[str, float]:
