@@ -39,7 +39,8 @@ def test_cse_merges_a_chain_in_one_run():
     assert_same_outputs(proto, after)
 
 
-def test_cse_merges_equal_constants_then_their_consumers():
+def _two_adds_of_equal_constants():
+    """x + c1 - (x + c2) with c1 == c2 held in two initializers."""
     nodes = [
         helper.make_node("Add", ["x", "c1"], ["a1"]),
         helper.make_node("Add", ["x", "c2"], ["a2"]),
@@ -47,6 +48,11 @@ def test_cse_merges_equal_constants_then_their_consumers():
     ]
     c = np.arange(3, dtype=F)
     proto = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], {"c1": c, "c2": c.copy()})
+    return proto
+
+
+def test_cse_merges_equal_constants_then_their_consumers():
+    proto = _two_adds_of_equal_constants()
     _, result, after = apply(proto, "cse")
     assert op_types(after) == ["Add", "Sub"]
     assert len(after.graph.initializer) == 1
@@ -55,13 +61,7 @@ def test_cse_merges_equal_constants_then_their_consumers():
 
 
 def test_cse_leaves_constants_over_the_size_limit_unread():
-    nodes = [
-        helper.make_node("Add", ["x", "c1"], ["a1"]),
-        helper.make_node("Add", ["x", "c2"], ["a2"]),
-        helper.make_node("Sub", ["a1", "a2"], ["y"]),
-    ]
-    c = np.arange(3, dtype=F)
-    proto = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], {"c1": c, "c2": c.copy()})
+    proto = _two_adds_of_equal_constants()
     _, result, after = apply(proto, "cse{max-constant-bytes=8}")
     assert len(after.graph.initializer) == 2 and op_types(after).count("Add") == 2
     assert not result.changed

@@ -110,12 +110,7 @@ def quantize_array(x: np.ndarray, scale, zero_point, dtype: str | np.dtype, axis
     lo = info.min if qmin is None else qmin
     hi = info.max if qmax is None else qmax
     x = np.asarray(x, dtype=np.float32)
-    s = np.asarray(scale, dtype=np.float32)
-    z = np.asarray(zero_point).astype(np.float32)
-    if axis is not None and s.ndim == 1:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
+    s, z = _broadcast_params(scale, zero_point, x.ndim, axis)
     q = np.rint(x / s) + z
     return np.clip(q, lo, hi).astype(dt)
 
@@ -123,13 +118,19 @@ def quantize_array(x: np.ndarray, scale, zero_point, dtype: str | np.dtype, axis
 def dequantize_array(q: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
     """``(q - zero_point) * scale`` in float32, per-channel along ``axis`` when given."""
     q = np.asarray(q)
+    s, z = _broadcast_params(scale, zero_point, q.ndim, axis)
+    return ((q.astype(np.float32) - z) * s).astype(np.float32)
+
+
+def _broadcast_params(scale, zero_point, ndim: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point as float32, shaped to broadcast along ``axis`` when per-channel."""
     s = np.asarray(scale, dtype=np.float32)
     z = np.asarray(zero_point).astype(np.float32)
     if axis is not None and s.ndim == 1:
-        shape = [1] * q.ndim
+        shape = [1] * ndim
         shape[axis] = -1
         s, z = s.reshape(shape), z.reshape(shape)
-    return ((q.astype(np.float32) - z) * s).astype(np.float32)
+    return s, z
 
 
 @dataclasses.dataclass
