@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from graphopt.console import progress
-from graphopt.errors import UsageError
+from graphopt.errors import UsageError, first_line
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 ARRAY_EXTENSIONS = frozenset({".npy", ".npz"})
@@ -184,7 +184,7 @@ def _read_header(f, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         else:
             raise ValueError(f"unknown .npy version {version}")
     except Exception as exc:
-        raise UsageError(f"--calib {label}: not a readable array ({_first_line(exc)})") from None
+        raise UsageError(f"--calib {label}: not a readable array ({first_line(exc, limit=10**6)})") from None
     if dtype.hasobject:
         raise UsageError(f"--calib {label}: holds Python objects; only numeric arrays are read")
     return tuple(shape), fortran, dtype
@@ -204,7 +204,7 @@ class _NpyRef(_ArrayRef):
         try:
             return np.load(self.path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
-            raise UsageError(f"--calib {self.path}: not a readable .npy ({_first_line(exc)})") from None
+            raise UsageError(f"--calib {self.path}: not a readable .npy ({first_line(exc, limit=10**6)})") from None
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         return np.array(self._map()[start:stop])
@@ -234,7 +234,7 @@ class _NpzMemberRef(_ArrayRef):
         except UsageError:
             raise
         except Exception as exc:
-            raise UsageError(f"--calib {self.label}: cannot read ({_first_line(exc)})") from None
+            raise UsageError(f"--calib {self.label}: cannot read ({first_line(exc, limit=10**6)})") from None
         inner = math.prod(self.shape[1:]) if self.shape else 1
         self.row_bytes = inner * self.dtype.itemsize
 
@@ -255,7 +255,7 @@ class _NpzMemberRef(_ArrayRef):
         except UsageError:
             raise
         except Exception as exc:  # corrupt deflate stream, bad CRC, ...
-            raise UsageError(f"--calib {self.label}: cannot read ({_first_line(exc)})") from None
+            raise UsageError(f"--calib {self.label}: cannot read ({first_line(exc, limit=10**6)})") from None
         return np.frombuffer(data, dtype=self.dtype).reshape((stop - start,) + self.shape[1:]).copy()
 
     def whole(self) -> np.ndarray:
@@ -264,7 +264,7 @@ class _NpzMemberRef(_ArrayRef):
                 with self.archive.zip().open(self.member) as f:
                     self._cached = np.lib.format.read_array(f, allow_pickle=False)
             except Exception as exc:
-                raise UsageError(f"--calib {self.label}: cannot read ({_first_line(exc)})") from None
+                raise UsageError(f"--calib {self.label}: cannot read ({first_line(exc, limit=10**6)})") from None
         return self._cached
 
     def close(self) -> None:
@@ -287,7 +287,7 @@ class _Zip:
             except OSError as exc:
                 raise UsageError(f"--calib {self.path}: cannot read ({exc.strerror or exc})") from None
             except Exception as exc:
-                raise UsageError(f"--calib {self.path}: not a readable .npz ({_first_line(exc)})") from None
+                raise UsageError(f"--calib {self.path}: not a readable .npz ({first_line(exc, limit=10**6)})") from None
         return self._zip
 
     def close(self) -> None:
@@ -767,7 +767,7 @@ class _ImageSource(_Source):
                         img = canvas
                 arr = np.asarray(img, dtype=np.float32)
         except Exception as exc:
-            raise UsageError(f"--calib {path}: cannot read image ({_first_line(exc)})") from None
+            raise UsageError(f"--calib {path}: cannot read image ({first_line(exc, limit=10**6)})") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if pre.channels == "BGR" and self.channels == 3:
@@ -1086,9 +1086,6 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape) or "a scalar"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [

@@ -45,3 +45,14 @@ class PassError(GraphoptError):
 
 class VerificationError(PassError):
     """A pass produced a model that fails the checker or changes the outputs."""
+
+
+def first_line(exc: BaseException, limit: int = 300, default: str | None = None) -> str:
+    """The first non-blank line of an exception's message, at most ``limit``
+    characters (cut with "..."); ``default`` (else the exception's type name)
+    when the message is empty.  Expected errors are reported in one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__ if default is None else default
+    text = lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -11,7 +11,7 @@ import onnx
 
 from graphopt import runtime
 from graphopt.context import PassContext
-from graphopt.errors import ModelError, UsageError, VerificationError
+from graphopt.errors import ModelError, UsageError, VerificationError, first_line
 from graphopt.ir import Model, save
 from graphopt.manager import Instrument, PassRecord
 from graphopt.pass_base import Pass
@@ -66,7 +66,7 @@ class VerifyEach(Instrument):
             onnx.checker.check_model(checkable)
             onnx.shape_inference.infer_shapes(checkable, check_type=True, strict_mode=True, data_prop=True)
         except Exception as exc:
-            raise VerificationError(f"pass '{p.name}': output fails the onnx checker: {_first(exc)}") from None
+            raise VerificationError(f"pass '{p.name}': output fails the onnx checker: {first_line(exc)}") from None
         outputs = self._evaluate(model, ctx, f"the output of pass '{p.name}'", proto)
         override = self.tolerance if self.tolerance is not None else ctx.tolerance
         assert self.reference is not None
@@ -85,7 +85,7 @@ class VerifyEach(Instrument):
         try:
             sess = runtime.session(proto or model.to_proto(), source_dir=model.source_dir)
         except Exception as exc:
-            raise error(f"onnxruntime cannot load {what}: {_first(exc)}") from None
+            raise error(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
         if self.inputs is None:
             self.inputs = dict(ctx.inputs) if ctx.inputs else runtime.random_inputs(
                 sess, seed=ctx.seed, shapes=ctx.input_shapes
@@ -103,7 +103,7 @@ class VerifyEach(Instrument):
         try:
             return runtime.run(sess, self.inputs)
         except Exception as exc:
-            raise error(f"onnxruntime cannot run {what}: {_first(exc)}") from None
+            raise error(f"onnxruntime cannot run {what}: {first_line(exc)}") from None
 
 
 class PrintIRAfter(Instrument):
@@ -162,9 +162,6 @@ def _without_external_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _first(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 class Progress(Instrument):

@@ -26,7 +26,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 # what matters itself, in one line.
 G_LOGGER.severity = G_LOGGER.ERROR
 
-from graphopt.errors import ModelError, UsageError
+from graphopt.errors import ModelError, UsageError, first_line
 
 TWO_GB = 2**31
 # Tensors smaller than this stay inline when writing external data, as onnx does.
@@ -146,7 +146,7 @@ class Model:
         try:
             graph = gs.import_onnx(_encode_type_attributes(proto))
         except Exception as exc:  # gs raises assorted errors on malformed graphs
-            raise ModelError(f"cannot import graph: {_one_line(exc)}") from None
+            raise ModelError(f"cannot import graph: {first_line(exc)}") from None
         model = cls(graph=graph, info=info, source_dir=source_dir)
         model._bind_external_values()
         return model
@@ -174,7 +174,7 @@ class Model:
                 opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
             )
         except Exception as exc:
-            raise ModelError(f"cannot export graph: {_one_line(exc)}") from None
+            raise ModelError(f"cannot export graph: {first_line(exc)}") from None
         finally:
             for t, dtype in hidden:
                 t.dtype = dtype
@@ -398,10 +398,6 @@ def _used_domains(graph: gs.Graph) -> dict[str, int]:
     return domains
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return first if len(first) < 300 else first[:297] + "..."
 
 
 # ----------------------------------------------------------------------------------
@@ -417,7 +413,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelError(f"{path}: not a valid ONNX model ({_one_line(exc)})") from None
+        raise ModelError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelError(f"{path}: not a valid ONNX model (no graph or no opset import)")
     _check_tensors(proto, path)
@@ -429,7 +425,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{path}: invalid model: {_checker_message(exc)}") from None
     except Exception as exc:
-        raise ModelError(f"{path}: invalid model: {_one_line(exc)}") from None
+        raise ModelError(f"{path}: invalid model: {first_line(exc)}") from None
     return proto
 
 
@@ -520,7 +516,7 @@ def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
                 info = onnx.external_data_helper.ExternalDataInfo(tensor)
             except (ValueError, TypeError) as exc:
                 raise ModelError(
-                    f"{path}: tensor '{tensor.name}': bad external data entry ({_one_line(exc)})"
+                    f"{path}: tensor '{tensor.name}': bad external data entry ({first_line(exc)})"
                 ) from None
             try:
                 file = resolve_external_path(base, info.location, tensor.name) if info.location else None

@@ -11,7 +11,7 @@ import time
 from typing import Any, Sequence
 
 from graphopt.context import PassContext
-from graphopt.errors import GraphoptError, PassError
+from graphopt.errors import GraphoptError, PassError, first_line
 from graphopt.ir import Model
 from graphopt.pass_base import Pass, PassResult
 from graphopt.pipeline import Fixpoint, Pipeline
@@ -112,7 +112,7 @@ class PassManager:
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as exc:
-            raise PassError(f"pass '{p.name}' failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise PassError(f"pass '{p.name}' failed: {type(exc).__name__}: {first_line(exc, default='')}") from exc
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
@@ -135,6 +135,3 @@ class PassManager:
         return result.changed
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else ""

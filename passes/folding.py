@@ -47,6 +47,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt import runtime
+from graphopt.errors import first_line
 from graphopt.context import PassContext
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult
@@ -585,7 +586,7 @@ class FoldConstants(Pass):
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as exc:
-            raise _EvalError(_first_line(exc)) from None
+            raise _EvalError(first_line(exc, limit=200)) from None
         return dict(zip(wanted, outs))
 
     # -- rewriting ----------------------------------------------------------------------
@@ -769,7 +770,3 @@ def _all_nodes(nodes: Iterable[gs.Node]) -> Iterator[gs.Node]:
         yield from _nested_nodes(n)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
