@@ -129,7 +129,8 @@ def test_dynamic_budget_keeps_exactly_the_sensitive_node():
     assert "fidelity" not in plain.records[0].stats
     assert _heldout_cosine(proto, plain_out) < 0.999  # without a budget the target is missed
 
-    _, result, out = apply(proto, 'quantize-dynamic{fidelity="cosine>=0.999"}', _ctx(proto))
+    # recipe=fixed: the node-level budget alone (no smoothing to fall back on)
+    _, result, out = apply(proto, 'quantize-dynamic{fidelity="cosine>=0.999",recipe=fixed}', _ctx(proto))
     rec = result.records[0]
     fid = rec.stats["fidelity"]
     assert [k["node"] for k in fid["kept_float"]] == ["mm_b"]  # stops at the target: nothing more in float
@@ -142,6 +143,21 @@ def test_dynamic_budget_keeps_exactly_the_sensitive_node():
     assert _heldout_cosine(proto, out) >= 0.999  # the written model, measured independently
     ops = {n.name: n.op_type for n in out.graph.node}
     assert ops["mm_b"] == "MatMul" and sum(op == "DynamicQuantizeMatMul" for op in ops.values()) == 3
+
+
+def test_dynamic_recipe_search_smooths_the_outlier_instead_of_keeping_float():
+    proto = outlier_model()
+    _, result, out = apply(proto, 'quantize-dynamic{fidelity="cosine>=0.999"}', _ctx(proto))
+    stats = result.records[0].stats
+    fid, recipe = stats["fidelity"], stats["recipe"]
+    # every recipe was measured on the ranking samples; the chosen one smooths
+    assert len(recipe["tried"]) == 10 and "smoothing" in recipe["chosen"] and "no smoothing" not in recipe["chosen"]
+    plain = next(t for t in recipe["tried"] if t["recipe"] == "per-tensor, no smoothing")
+    chosen = next(t for t in recipe["tried"] if t["recipe"] == recipe["chosen"])
+    assert chosen["cosine"] > plain["cosine"] and plain["cosine"] < 0.999
+    # smoothing alone meets the target: every node quantized, held-out checked
+    assert fid["met"] and fid["kept_float"] == [] and stats["quantized"] == 4 and stats["smoothed"] >= 1
+    assert _heldout_cosine(proto, out) >= 0.999
 
 
 def test_dynamic_budget_met_without_keeping_anything():
@@ -177,7 +193,8 @@ def test_budget_is_deterministic_and_context_option_applies():
 
 def test_budget_with_grouped_probes():
     proto = outlier_model()
-    _, result, _ = apply(proto, 'quantize-dynamic{fidelity="cosine>=0.999",fidelity-probes=2}', _ctx(proto))
+    _, result, _ = apply(proto, 'quantize-dynamic{fidelity="cosine>=0.999",fidelity-probes=2,recipe=fixed}',
+                         _ctx(proto))
     fid = result.records[0].stats["fidelity"]
     assert fid["ranking"]["grouped"] and fid["ranking"]["probes"] == 2
     assert fid["heldout"]["cosine"] >= 0.999 and "mm_b" in [k["node"] for k in fid["kept_float"]]
@@ -243,8 +260,8 @@ def test_cli_fidelity_without_quantization_pass(files, capsys):
 
 
 def test_cli_fidelity_report_lists_kept_nodes(files):
-    rc = main(["opt", str(files / "m.onnx"), "-o", str(files / "o.onnx"), "-p", "quantize-dynamic", "-q",
-               "--calib", str(files / "d.npz"), "--fidelity", "cosine>=0.999", "--report", str(files / "r.json")])
+    rc = main(["opt", str(files / "m.onnx"), "-o", str(files / "o.onnx"), "-p", "quantize-dynamic{recipe=fixed}",
+               "-q", "--calib", str(files / "d.npz"), "--fidelity", "cosine>=0.999", "--report", str(files / "r.json")])
     assert rc == 0
     report = json.loads((files / "r.json").read_text())
     fid = report["passes"][0]["stats"]["fidelity"]

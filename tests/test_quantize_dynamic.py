@@ -189,8 +189,10 @@ def test_bert_block_cosine():
     _, result, after = apply(proto, "quantize-dynamic")
     onnx.checker.check_model(after)
     ops = op_types(after)
-    # 6 weight MatMuls per layer; the two attention MatMuls (activation x activation) stay float
-    assert ops.count("DynamicQuantizeMatMul") == 12 and ops.count("MatMul") == 4
+    # 6 weight MatMuls per layer; the two attention MatMuls (activation x activation) stay float.
+    # Q/K/V read one activation: it is quantized once and shared (MatMulIntegerToFloat).
+    assert ops.count("DynamicQuantizeMatMul") == 6 and ops.count("MatMul") == 4
+    assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulIntegerToFloat") == 6
     assert {"Softmax", "LayerNormalization", "Erf"} <= set(ops)
     assert result.records[0].stats["bias_absorbed"] == 12
     want, got = _compare(proto, after)

@@ -194,6 +194,7 @@ class _Builder:
         self.replacements: dict[int, list[gs.Node]] = {}
         self.overridable = overridable_names(model)
         self.keep: set[str] = set()
+        self.readers: dict[tuple, int] = {}
 
     def splice(self) -> None:
         """Put each replaced node's new nodes where it was, so the graph reads
@@ -234,6 +235,10 @@ def quantize_dynamic(
     smoothing = dict(smoothing or {})
     b = _Builder(model)
     b.keep = keep
+    for site in sites:  # how many quantized sites read each (smoothed) activation
+        if not (site.node.name and site.node.name in keep):
+            key = _activation_key(site.node.inputs[0], smoothing.get(site.node.name) if site.node.name else None)
+            b.readers[key] = b.readers.get(key, 0) + 1
     counts = {"quantized": 0, "kept_float": 0, "weights": 0}
     for site in sites:
         node = site.node
@@ -283,10 +288,15 @@ def _smoothed_float_weight(site: Site, smooth: Smoothing) -> np.ndarray:
     return (w * s[None, :] if site.trans_b else w * s[:, None]).astype(np.float32)
 
 
+def _activation_key(x: gs.Tensor, smooth: Smoothing | None) -> tuple:
+    """Identifies the activation a site quantizes: ``x``, or ``x / s``."""
+    return (id(x), None if smooth is None or smooth.folded else smooth.scale.tobytes())
+
+
 def _smoothed_input(b: _Builder, x: gs.Tensor, smooth: Smoothing | None, label: str) -> gs.Tensor:
     if smooth is None or smooth.folded:
         return x
-    key = (id(x), smooth.scale.tobytes())
+    key = _activation_key(x, smooth)
     if key not in b.smooth_cache:
         inv = (1.0 / np.asarray(smooth.scale, np.float64)).astype(np.float32)
         out = b.var(x.name + "_smoothed", np.float32)
@@ -319,6 +329,7 @@ def _quantize_site(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoot
     node = site.node
     label = node.name or node.outputs[0].name
     wq, wscale, wzp, _ = _quantized_weight(b, site, config, smooth, counts)
+    shared = b.readers.get(_activation_key(node.inputs[0], smooth), 0) > 1
     x = _smoothed_input(b, node.inputs[0], smooth, label)
     y = node.outputs[0]
     bias_values = site.bias
@@ -335,7 +346,7 @@ def _quantize_site(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoot
     node.outputs.clear()
     b.removed.add(id(node))
     bias = None if bias_values is None else b.const(site.weight.name + "_bias", bias_values)
-    if config.fmt == "fused":
+    if config.fmt == "fused" and not shared:
         inputs = [x, wq, wscale]
         # Symmetric int8: the zero point is 0, the kernel's default.
         if not config.signed or bias is not None:
@@ -344,13 +355,13 @@ def _quantize_site(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoot
             inputs.append(bias)
         b.node("DynamicQuantizeMatMul", f"{label}_dynamic_quant", inputs, [y], domain=MS_DOMAIN)
         return
-    # Standard ops: share one DynamicQuantizeLinear per activation.
-    if id(x) not in b.dql_cache:
-        xq, xs, xzp = b.var(x.name + "_quantized", np.uint8), b.var(x.name + "_scale", np.float32), \
-            b.var(x.name + "_zero_point", np.uint8)
-        b.node("DynamicQuantizeLinear", f"{x.name}_dynamic_quantize", [x], [xq, xs, xzp])
-        b.dql_cache[id(x)] = (xq, xs, xzp)
-    xq, xs, xzp = b.dql_cache[id(x)]
+    # One DynamicQuantizeLinear per activation, shared by all its readers
+    # (attention's Q/K/V projections): the activation is quantized once.
+    xq, xs, xzp = _dynamic_quantize(b, x)
+    if config.fmt == "fused":
+        inputs = [xq, wq, xs, wscale, xzp, wzp] + ([bias] if bias is not None else [])
+        b.node("MatMulIntegerToFloat", f"{label}_integer", inputs, [y], domain=MS_DOMAIN)
+        return
     acc = b.var(y.name + "_int32", np.int32)
     b.node("MatMulInteger", f"{label}_integer", [xq, wq, xzp, wzp], [acc])
     accf = b.var(y.name + "_int32_float", np.float32)
@@ -363,6 +374,15 @@ def _quantize_site(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoot
         pre = b.var(y.name + "_nobias", np.float32)
         b.node("Mul", f"{label}_rescale", [accf, scale], [pre])
         b.node("Add", f"{label}_bias", [pre, bias], [y])
+
+
+def _dynamic_quantize(b: _Builder, x: gs.Tensor) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
+    if id(x) not in b.dql_cache:
+        xq, xs, xzp = b.var(x.name + "_quantized", np.uint8), b.var(x.name + "_scale", np.float32), \
+            b.var(x.name + "_zero_point", np.uint8)
+        b.node("DynamicQuantizeLinear", f"{x.name}_dynamic_quantize", [x], [xq, xs, xzp])
+        b.dql_cache[id(x)] = (xq, xs, xzp)
+    return b.dql_cache[id(x)]
 
 
 @register_pass("quantize-dynamic")
@@ -388,13 +408,17 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
 
     fidelity_probes = Option(int, 128, "at most this many sensitivity probes, each one run of a single switched "
                              "model (beyond: neighbouring nodes are probed in groups)", min=1)
+    recipe = Option(str, "auto", "with a fidelity budget, auto: first pick the weight granularity and smoothing "
+                    "strength (per-tensor/per-channel x none/0.5/0.6/0.7/0.8) with the best fidelity on the ranking "
+                    "samples, then keep nodes in float as needed; fixed: use per-channel/smooth as given",
+                    choices=("auto", "fixed"))
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from passes.quantization.sensitivity import fidelity_spec
+        from passes.quantization import sensitivity as sens
         from passes.quantization.recovery import smooth_sites
 
         selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex)
-        spec = fidelity_spec(self, ctx)
+        spec = sens.fidelity_spec(self, ctx)
         if self.format == "onnx" and default_opset(model) < 11:
             return PassResult(False, {"quantized": 0}, ["format=onnx needs opset >= 11 (DynamicQuantizeLinear)"])
         notes: list[str] = []
@@ -403,66 +427,139 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         config = DynamicConfig(per_channel=self.per_channel, signed=self.weight_type == "int8",
                                reduce_range=self.reduce_range, fmt=self.format)
         keep = set(shared.get("keep_float", ()))
-        shared, smooth_stats = smooth_sites(self, model, sites, ctx, shared, notes)  # recovery.py (SmoothQuant)
+        alpha = self.smooth_alpha if self.smooth else None
+        unfolded = self.smooth_unfolded
+        data, budget, stats = ctx.calibration, None, {}
+        if spec is not None and sites:
+            _name_sites(model, sites)
+            # Samples split once; references come from the float model, before any smoothing is folded in.
+            budget = sens.BudgetData.prepare(model, ctx, self)
+            data = budget.calib
+            if self.recipe == "auto" and "smoothing" not in shared:
+                recipe, stats["recipe"] = self._choose_recipe(model, ctx, spec, selection, config, keep, budget)
+                config.per_channel, alpha, unfolded = recipe.per_channel, recipe.alpha, True
+        shared, smooth_stats = smooth_sites(self.name, model, sites, data, shared, notes, alpha=alpha,
+                                            unfolded=unfolded)
         fidelity = None
-        if spec is not None:
-            fidelity = self._fit(model, ctx, spec, selection, sites, config, keep, shared.get("smoothing"))
+        if budget is not None:
+            fidelity = self._fit(model, ctx, spec, selection, sites, config, keep, shared.get("smoothing"), budget)
             keep |= fidelity.keep
         counts = quantize_dynamic(model, sites, config, keep_float=keep, smoothing=shared.get("smoothing"))
-        stats: dict = dict(counts)
+        if smooth_stats.get("smoothed_folded"):  # constants replaced by their smoothed copies
+            model.graph.cleanup(remove_unused_graph_inputs=False)
+        stats.update(counts)
         stats.update(smooth_stats)
+        if config.per_channel != self.per_channel:
+            stats["per_channel"] = config.per_channel
         if fidelity is not None:
             fidelity.conclude(model, counts["quantized"] > 0, stats, notes, ctx, self.name)
         return PassResult(changed=counts["quantized"] > 0, stats=stats, notes=notes)
 
+    def _choose_recipe(self, model: Model, ctx: PassContext, spec, selection: Selection, config: DynamicConfig,
+                       keep: set[str], budget) -> tuple["Recipe", dict]:
+        """Quantize the whole model with each recipe and keep the one whose
+        outputs are closest to the float model's; ties go to the simpler
+        recipe.  The calibration part of the samples is split in two: smoothing
+        statistics come from one half and recipes are judged on the other, so
+        a strength that only fits the statistics' own samples is not chosen
+        (the held-out samples stay unseen)."""
+        from graphopt import runtime
+        from graphopt.console import progress
+        from passes.quantization import sensitivity as sens
+        from passes.quantization.recovery import plan_smoothing
+
+        fit, judge = budget.calib.split(0.5, ctx.seed + 1) if len(budget.calib) >= 2 else (budget.calib,) * 2
+        judge = list(judge)
+        names, (refs,) = sens.reference_outputs(model.to_proto(), model.source_dir, judge)
+        fit_stats = _activation_stats(model, find_sites(model, selection, []), fit)
+        tried = []
+        best: tuple[float, int, Recipe] | None = None
+        for i, recipe in enumerate(progress(RECIPES, description="quantize-dynamic: choosing a recipe",
+                                            quiet=ctx.quiet)):
+            m = model.copy()
+            m_sites = find_sites(m, selection, [])
+            smoothing = None
+            if recipe.alpha is not None:
+                smoothing, _ = plan_smoothing(m, m_sites, fit, recipe.alpha, keep_float=keep, unfolded=True,
+                                              stats=fit_stats)
+            cfg = dataclasses.replace(config, per_channel=recipe.per_channel)
+            quantize_dynamic(m, m_sites, cfg, keep_float=keep, smoothing=smoothing)
+            sess = runtime.session(m.to_proto(), source_dir=m.source_dir)
+            values = sens.metric_values(sens.run_all(sess, judge, names), refs)
+            badness = spec.badness(values)
+            tried.append({"recipe": str(recipe), **{k: sens.number(v) for k, v in values.items()}})
+            if best is None or badness < best[0] - 1e-9:
+                best = (badness, i, recipe)
+        chosen = best[2]
+        ctx.info(f"graphopt: {self.name}: recipe {chosen} (best of {len(RECIPES)}, statistics from "
+                 f"{len(fit)} calibration sample(s), judged on {len(judge)} others)")
+        return chosen, {"chosen": str(chosen), "statistics_samples": len(fit), "judged_on": len(judge),
+                        "tried": tried}
+
     def _fit(self, model: Model, ctx: PassContext, spec, selection: Selection, sites: list[Site],
-             config: DynamicConfig, keep: set[str], smoothing):
+             config: DynamicConfig, keep: set[str], smoothing, budget):
         """Rank the sites by the output error each causes alone and keep the
         worst in float until ``spec`` holds on held-out samples (sensitivity.py)."""
         from passes.quantization import sensitivity as sens
 
-        taken = {n.name for n in model.graph.nodes if n.name}
-        for site in sites:  # keep_float works by name: name the unnamed
-            if not site.node.name:
-                site.node.name = fresh_name(taken, f"{site.node.op}_{site.node.outputs[0].name}")
         nodes = [(s.node.name, s.node.op) for s in sites if s.node.name not in keep]
-        rank_samples, held_samples, _ = sens.split_samples(ctx.calibration, self.fidelity_holdout, ctx.seed,
-                                                           self.fidelity_samples)
-        names, (rank_refs, held_refs) = sens.reference_outputs(model.to_proto(), model.source_dir,
-                                                               rank_samples, held_samples)
-        if smoothing:
-            def build(extra: frozenset[str]):
-                m = model.copy()
-                quantize_dynamic(m, find_sites(m, selection, []), config, keep_float=keep | extra,
-                                 smoothing=smoothing)
-                return m.to_proto()
-
-            candidates = sens.RebuildCandidates(build, names, model.source_dir)
-            method = "isolated (one model per probe)"
-        else:
-            proto, switches = switched_model(model, selection, config, {n for n, _ in nodes})
-            candidates = sens.SwitchedCandidates(proto, switches, names, model.source_dir)
-            method = "isolated (switched model)"
-        return sens.search(spec, nodes, candidates, rank_samples, rank_refs, held_samples, held_refs,
-                           max_probes=self.fidelity_probes, quiet=ctx.quiet, method=method)
+        proto, switches = switched_model(model, selection, config, {n for n, _ in nodes}, smoothing)
+        candidates = sens.SwitchedCandidates(proto, switches, budget.names, model.source_dir)
+        return sens.search(spec, nodes, candidates, budget.rank, budget.rank_refs, budget.held, budget.held_refs,
+                           max_probes=self.fidelity_probes, quiet=ctx.quiet, method="isolated (switched model)")
 
 
-def switched_model(model: Model, selection: Selection, config: DynamicConfig, names: set[str]):
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    per_channel: bool
+    alpha: float | None  # smoothing strength; None: no smoothing
+
+    def __str__(self) -> str:
+        gran = "per-channel" if self.per_channel else "per-tensor"
+        return gran + (f", smoothing a={self.alpha:g}" if self.alpha is not None else ", no smoothing")
+
+
+# Simplest first: ties keep the earlier one.
+RECIPES = tuple(Recipe(pc, a) for a in (None, 0.5, 0.6, 0.7, 0.8) for pc in (False, True))
+
+
+def _name_sites(model: Model, sites: list[Site]) -> None:
+    """keep_float and the budget work by node name: name the unnamed."""
+    taken = {n.name for n in model.graph.nodes if n.name}
+    for site in sites:
+        if not site.node.name:
+            site.node.name = fresh_name(taken, f"{site.node.op}_{site.node.outputs[0].name}")
+
+
+def _activation_stats(model: Model, sites: list[Site], data):
+    from passes.quantization.recovery import activation_stats
+
+    return activation_stats(model, sites, data)
+
+
+def switched_model(model: Model, selection: Selection, config: DynamicConfig, names: set[str],
+                   smoothing: Mapping[str, Smoothing] | None = None):
     """A copy of ``model`` in which every site named in ``names`` computes
     ``y = y_float + s * (y_quantized - y_float)`` with ``s`` a new scalar float
     input; returns ``(proto, {node name: switch input name})``.  The quantized
     result is DynamicQuantizeMatMul with the weight quantized as the pass does
-    (format=onnx computes the same values up to rounding)."""
+    (format=onnx and the shared-activation form compute the same values up to
+    rounding).  With ``smoothing`` (already folded upstream where ``folded``),
+    float branches use ``diag(s) W`` where their input is ``x / s``."""
+    smoothing = dict(smoothing or {})
     m = model.copy()
     b = _Builder(m)
     counts: dict[str, int] = {"weights": 0}
     switches: dict[str, str] = {}
     for site in find_sites(m, selection, []):
         node = site.node
+        smooth = smoothing.get(node.name) if node.name else None
+        if smooth is not None and smooth.folded:  # the input is x / s: the float product needs diag(s) W
+            node.inputs[1] = b.const(site.weight.name + "_smoothed", _smoothed_float_weight(site, smooth))
         if node.name not in names:
             continue
-        wq, wscale, wzp, _ = _quantized_weight(b, site, config, None, counts)
-        x, y = node.inputs[0], node.outputs[0]
+        wq, wscale, wzp, _ = _quantized_weight(b, site, config, smooth, counts)
+        x, y = _smoothed_input(b, node.inputs[0], smooth, node.name), node.outputs[0]
         yf = b.var(y.name + "_float", y.dtype)
         yq = b.var(y.name + "_quant", y.dtype)
         node.outputs[0] = yf

@@ -174,13 +174,21 @@ def _fold(names: _Names, target, s: np.ndarray, overridable) -> None:
     mul.inputs[i] = names.const(c.name + "_smoothed", new.astype(np.float32))
 
 
+def activation_stats(model: Model, sites: Sequence[Any], data) -> dict[str, dict[str, np.ndarray]]:
+    """Per-channel statistics of the activations ``sites`` read, for
+    :func:`plan_smoothing` (computed once when several strengths are tried)."""
+    return channel_stats(model, data, {site.node.inputs[0].name: -1 for site in sites})
+
+
 def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, keep_float: Iterable[str] = (),
                    existing: Mapping[str, Any] | None = None, unfolded: bool = False,
-                   notes: list[str] | None = None) -> tuple[dict[str, Any], dict[str, int]]:
+                   notes: list[str] | None = None, stats: Mapping[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, int]]:
     """Compute SmoothQuant scales for ``sites`` (from :func:`passes.quantization.
-    dynamic.find_sites`) on ``data`` and fold ``1/s`` upstream where possible
-    (edits the model).  Returns ``({node name: Smoothing}, counters)``; the
-    caller multiplies ``s`` into the weights (``quantize_dynamic`` does)."""
+    dynamic.find_sites`) on ``data`` (or precomputed :func:`activation_stats`)
+    and fold ``1/s`` upstream where possible (edits the model).  Returns
+    ``({node name: Smoothing}, counters)``; the caller multiplies ``s`` into
+    the weights (``quantize_dynamic`` does)."""
     from passes.quantization.dynamic import Smoothing
 
     notes = notes if notes is not None else []
@@ -198,7 +206,8 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
         tensors[x.name] = x
     # a group some cooperating pass already smoothed stays as it is
     groups = {n: g for n, g in groups.items() if not any(s.node.name in existing for s in g)}
-    stats = channel_stats(model, data, {name: -1 for name in groups})
+    if stats is None:
+        stats = channel_stats(model, data, {name: -1 for name in groups})
     names = _Names(model)
     out: dict[str, Any] = dict(existing)
     counts = {"smoothed": 0, "smoothed_folded": 0, "smoothed_mul": 0}
@@ -230,20 +239,20 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
     return out, counts
 
 
-def smooth_sites(pass_, model: Model, sites, ctx, shared: Mapping[str, Any], notes: list[str]):
+def smooth_sites(pass_name: str, model: Model, sites, data, shared: Mapping[str, Any], notes: list[str], *,
+                 alpha: float | None, unfolded: bool, stats: Mapping[str, Any] | None = None):
     """quantize-dynamic's hook: ``(shared, extra stats)``, ``shared`` being the
-    pass's scratch entry (a copy, with ``smoothing`` filled in when the pass's
-    ``smooth`` option is on; unchanged otherwise).  Folds ``1/s`` upstream."""
-    if not getattr(pass_, "smooth", False) or not sites:
+    pass's scratch entry (a copy, with ``smoothing`` filled in when ``alpha``
+    is given; unchanged otherwise).  Folds ``1/s`` upstream."""
+    if alpha is None or not sites:
         return shared, {}
-    data = getattr(ctx, "calibration", None)
     if data is None:
-        raise UsageError(f"pass '{pass_.name}': smooth=true needs calibration data: pass --calib PATH "
+        raise UsageError(f"pass '{pass_name}': smooth=true needs calibration data: pass --calib PATH "
                          f"(a .npz, a folder of arrays or images, or random:N)")
-    smoothing, counts = plan_smoothing(model, sites, data, pass_.smooth_alpha,
-                                       keep_float=shared.get("keep_float", ()), existing=shared.get("smoothing"),
-                                       unfolded=getattr(pass_, "smooth_unfolded", False), notes=notes)
-    return {**shared, "smoothing": smoothing}, counts
+    smoothing, counts = plan_smoothing(model, sites, data, alpha, keep_float=shared.get("keep_float", ()),
+                                       existing=shared.get("smoothing"), unfolded=unfolded, notes=notes,
+                                       stats=stats)
+    return {**shared, "smoothing": smoothing}, {**counts, "smooth_alpha": alpha}
 
 
 def apply_smoothing_float(model: Model, sites: Sequence[Any], smoothing: Mapping[str, Any]) -> int:

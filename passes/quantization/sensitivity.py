@@ -162,12 +162,39 @@ class SwitchedCandidates(Candidates):
         return run_all(self.sess, samples, self.output_names, extra)
 
 
-def measure(candidates: Candidates, keep: frozenset[str], samples: Sequence[Feeds],
-            references: Sequence[Outputs]) -> dict[str, float]:
+def metric_values(outputs: Sequence[Outputs], references: Sequence[Outputs]) -> dict[str, float]:
     acc = MetricAccumulator()
-    for cand, ref in zip(candidates.outputs(keep, samples), references):
+    for cand, ref in zip(outputs, references):
         acc.add(cand, ref)
     return acc.values()
+
+
+def measure(candidates: Candidates, keep: frozenset[str], samples: Sequence[Feeds],
+            references: Sequence[Outputs]) -> dict[str, float]:
+    return metric_values(candidates.outputs(keep, samples), references)
+
+
+@dataclasses.dataclass
+class BudgetData:
+    """The samples a fidelity search works on and the float model's outputs
+    on them: ``rank`` (ranking, from the calibration part), ``held`` (held
+    out: only checked against), ``calib`` (the calibration part, for
+    statistics), and the reference outputs of each."""
+
+    rank: list[Feeds]
+    held: list[Feeds]
+    calib: Any
+    names: list[str]
+    rank_refs: list[Outputs]
+    held_refs: list[Outputs]
+
+    @classmethod
+    def prepare(cls, model: Any, ctx: Any, p: Any) -> "BudgetData":
+        """Split ``ctx.calibration`` with pass ``p``'s budget options and run
+        the model (float, as it is now) on both parts."""
+        rank, held, calib = split_samples(ctx.calibration, p.fidelity_holdout, ctx.seed, p.fidelity_samples)
+        names, (rank_refs, held_refs) = reference_outputs(model.to_proto(), model.source_dir, rank, held)
+        return cls(rank, held, calib, names, rank_refs, held_refs)
 
 
 # ----------------------------------------------------------------------------------
@@ -188,8 +215,8 @@ class NodeSensitivity:
 
     def as_dict(self, metrics: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = {"node": self.name, "op": self.op,
-                               "error": {m: _num(self.values[m]) for m in metrics if m in self.values},
-                               "score": _num(self.score)}
+                               "error": {m: number(self.values[m]) for m in metrics if m in self.values},
+                               "score": number(self.score)}
         if self.group > 1:
             out["measured_with"] = self.group
         return out
@@ -267,7 +294,8 @@ def _sortable(x: float) -> float:
     return 1e300 if math.isnan(x) or x == math.inf else x
 
 
-def _num(v: float) -> float | str:
+def number(v: float) -> float | str:
+    """A metric value for a JSON report: 6 significant digits, non-finite as text."""
     if not math.isfinite(v):
         return str(v)
     return float(f"{v:.6g}")
@@ -297,7 +325,7 @@ class SearchOutcome:
             acc.add(cand, ref)
         report = FidelityReport.of(self.spec, acc.values(), len(self.held_samples))
         metrics = [m for m in self.stats.get("heldout", {}) if m != "samples"] or list(report.values)
-        self.stats["heldout"] = {"samples": report.samples, **{m: _num(report.values[m]) for m in metrics}}
+        self.stats["heldout"] = {"samples": report.samples, **{m: number(report.values[m]) for m in metrics}}
         self.stats["met"] = report.met
         if not report.met:
             self.note += (f"; the written model measures {report.line(list(self.spec.metrics))} on the held-out "
@@ -336,8 +364,8 @@ def search(spec: FidelitySpec, nodes: Sequence[tuple[str, str]], candidates: Can
         "candidates": len(nodes),
         "kept_float": [r.as_dict(metrics) for r in budget.kept],
         "quantized": len(nodes) - len(budget.kept) if budget.feasible else 0,
-        "heldout": {"samples": len(held_samples), **{m: _num(budget.report.values[m]) for m in metrics}},
-        "all_quantized_heldout": {m: _num(budget.all_quantized.values[m]) for m in metrics},
+        "heldout": {"samples": len(held_samples), **{m: number(budget.report.values[m]) for m in metrics}},
+        "all_quantized_heldout": {m: number(budget.all_quantized.values[m]) for m in metrics},
         "ranking": {"method": method, "samples": len(rank_samples),
                     "probes": min(len(nodes), max(1, max_probes)),
                     "grouped": any(r.group > 1 for r in ranked),
@@ -345,7 +373,7 @@ def search(spec: FidelitySpec, nodes: Sequence[tuple[str, str]], candidates: Can
         "evaluations": budget.evaluations,
         "sessions": candidates.sessions,
     }
-    shown = ", ".join(f"{m} {_num(budget.report.values[m])}" for m in spec.metrics)
+    shown = ", ".join(f"{m} {number(budget.report.values[m])}" for m in spec.metrics)
     if not budget.feasible:
         worst = ranked[-1] if ranked else None
         note = (f"fidelity {spec} cannot be met on {len(held_samples)} held-out sample(s) even with only the "
@@ -365,7 +393,7 @@ def search(spec: FidelitySpec, nodes: Sequence[tuple[str, str]], candidates: Can
 
 
 def _score_text(r: NodeSensitivity, spec: FidelitySpec) -> str:
-    return ", ".join(f"{m} {_num(r.values[m])} alone" for m in spec.metrics)
+    return ", ".join(f"{m} {number(r.values[m])} alone" for m in spec.metrics)
 
 
 def reference_outputs(proto: onnx.ModelProto, source_dir: Path | None,
@@ -376,6 +404,6 @@ def reference_outputs(proto: onnx.ModelProto, source_dir: Path | None,
     return names, [run_all(sess, s, names) for s in sample_sets]
 
 
-__all__ = ["BudgetResult", "Candidates", "NodeSensitivity", "RebuildCandidates", "SearchOutcome",
+__all__ = ["BudgetData", "BudgetResult", "Candidates", "NodeSensitivity", "RebuildCandidates", "SearchOutcome",
            "SwitchedCandidates", "fidelity_spec", "fit_to_budget", "measure", "rank_nodes", "reference_outputs",
-           "search", "split_samples"]
+           "metric_values", "number", "search", "split_samples"]
