@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fidelity budget for the quantization passes, e.g. 'cosine>=0.99', 'top1>=0.98', "
                           "'max-abs<=0.05' (comma-joined: all must hold): the most sensitive nodes stay in float "
                           "until it holds on held-out --calib samples")
-    opt.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    from graphopt import cache, logging_flags
+
+    logging_flags.add_arguments(opt)  # -q/--quiet, --json
+    cache.add_arguments(opt)  # --cache-dir, --no-cache
 
     sub.add_parser("passes", help="list registered passes, their options and named pipelines").add_argument(
         "--json", action="store_true", help="machine-readable output"
@@ -73,8 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("model")
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     insp.add_argument("--per-node", action="store_true", help="list MACs per node")
+    insp.add_argument("--groups", action="store_true",
+                      help="list the channel groups that prune-channels sees (root, members, size, why left alone)")
     insp.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
                       help="pin the shape of a dynamic input for MACs (repeatable)")
+    from graphopt import cli_backend
+
+    cli_backend.add_parsers(sub)  # compile, run
+    from graphopt import cli_compress
+
+    cli_compress.add_parsers(sub)  # compress, report
     return parser
 
 
@@ -85,9 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("missing command (one of: opt, passes, inspect); see 'graphopt --help'")
+            raise UsageError("missing command (one of: opt, passes, inspect, compile, run, compress, report); see 'graphopt --help'")
         return int(_COMMANDS[args.command](args) or 0)
     except GraphoptError as exc:
+        from graphopt.logging_flags import report_unhandled
+
+        report_unhandled(argv, exc)  # --json of a command line that did not parse
         _fail(str(exc), debug)
         return int(exc.exit_code)
     except KeyboardInterrupt:
@@ -111,6 +125,10 @@ def _fail(message: str, debug: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------
+from graphopt.logging_flags import json_summary  # noqa: E402
+
+
+@json_summary
 def cmd_opt(args: argparse.Namespace) -> int:
     from graphopt import instruments as inst
     from graphopt.api import DEFAULT_PIPELINE
@@ -147,6 +165,22 @@ def cmd_opt(args: argparse.Namespace) -> int:
     calib = _calib_options(args, run_opts)
     _fidelity_option(args, run_opts, pipeline, calib)
     inputs = load_npz(args.inputs, "--inputs") if args.inputs else None
+    from graphopt.cache import CommandCache
+    from graphopt.logging_flags import run_log
+
+    log = run_log(args)
+    log.output = str(output)
+    if getattr(args, "json", False) and run_opts.get("print-ir-after"):
+        raise UsageError("--json and --print-ir-after both write to stdout; give one")
+    cached = CommandCache.for_opt(args, pipeline, run_opts, calib, input_shapes)
+    log.cache = cached.status
+    if cached.restore(output, run_opts.get("report"), log):
+        log.size = {"before": _file_bytes(Path(args.input)), "after": _file_bytes(output)}
+        if not args.quiet:
+            print(f"graphopt: wrote {output} ({log.nodes['before']} -> {log.nodes['after']} nodes, "
+                  f"{_size(log.size['before'])} -> {_size(log.size['after'])}, "
+                  f"{log.timings['restore']:.2f}s)", file=sys.stderr)
+        return 0
 
     ctx = PassContext(
         seed=run_opts.get("seed", 0),
@@ -199,6 +233,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
             "output": str(output),
             "pipeline": str(pipeline),
             "seconds": round(seconds, 6),
+            "cache": cached.status,
             "changed": result.changed,
             "passes": [r.as_dict() for r in result.records],
             "model": {"before": _model_totals(before, args.input), "after": _model_totals(after, output)},
@@ -207,6 +242,11 @@ def cmd_opt(args: argparse.Namespace) -> int:
             write_json_atomic(Path(report_path), report)
         except OSError as exc:
             raise UsageError(f"--report {report_path}: cannot write ({exc.strerror or exc})") from None
+    log.timing("run", seconds)
+    log.size = {"before": _file_bytes(Path(args.input)), "after": _file_bytes(output)}
+    if result.records:
+        log.nodes = {"before": result.records[0].before.nodes, "after": result.records[-1].after.nodes}
+    cached.store(output, report if report_path else None, {"nodes": log.nodes})
     if not args.quiet:
         if result.records:
             before, after = result.records[0].before, result.records[-1].after
@@ -284,15 +324,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.summary import format_summary, summarize
     from graphopt.ir import load
 
-    summary = summarize(load(args.model), parse_input_shapes(args.input_shape))
+    model = load(args.model)
+    summary = summarize(model, parse_input_shapes(args.input_shape))
+    groups = None
+    if getattr(args, "groups", False):
+        from passes.pruning.groups import analyze, group_dict
+
+        groups = analyze(model).groups()
+        summary["channel_groups"] = [group_dict(g) for g in groups]
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary, per_node=args.per_node))
+        if groups is not None:
+            from passes.pruning.groups import format_groups
+
+            print(format_groups(groups))
     return 0
 
 
 _COMMANDS = {"opt": cmd_opt, "passes": cmd_passes, "inspect": cmd_inspect}
+from graphopt.cli_backend import COMMANDS as _BACKEND_COMMANDS  # noqa: E402
+
+_COMMANDS.update(_BACKEND_COMMANDS)
+from graphopt.cli_compress import COMMANDS as _COMPRESS_COMMANDS  # noqa: E402
+
+_COMMANDS.update(_COMPRESS_COMMANDS)
 
 
 # ----------------------------------------------------------------------------------

@@ -94,3 +94,10 @@ def light_models():
     if not LIGHT_MODELS:
         pytest.skip("onnx light models not found")
     return LIGHT_MODELS
+
+
+@pytest.fixture(autouse=True)
+def _no_output_cache(monkeypatch):
+    """graphopt opt reuses outputs from ~/.cache/graphopt; tests must run the
+    passes (tests of the cache pass --cache-dir, which overrides this)."""
+    monkeypatch.setenv("GRAPHOPT_NO_CACHE", "1")

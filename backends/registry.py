@@ -1,0 +1,87 @@
+"""The backend registry: built-in backends and plug-ins.
+
+Backends register with :func:`register_backend`.  Other packages add backends
+through the ``graphopt.backends`` entry-point group; an entry point may name a
+module (importing it runs its decorators) or a :class:`Backend` subclass.  A
+plug-in that fails to load is reported by :func:`plugin_errors`, never fatal.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from typing import Callable, TypeVar
+
+from backends.base import Backend
+from graphopt.errors import UsageError
+from graphopt.pass_base import _suggest
+
+ENTRY_POINT_GROUP = "graphopt.backends"
+
+_BACKENDS: dict[str, type[Backend]] = {}
+_loaded = False
+_plugin_errors: list[str] = []
+
+B = TypeVar("B", bound=type[Backend])
+
+
+def register_backend(name: str) -> Callable[[B], B]:
+    def decorate(cls: B) -> B:
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise TypeError(f"{cls!r} is not a graphopt Backend")
+        if name in _BACKENDS and _BACKENDS[name] is not cls:
+            raise ValueError(f"backend name '{name}' is already registered")
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return decorate
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    # Built-ins register themselves; neither imports onnxruntime or TVM until used.
+    import backends.onnxruntime  # noqa: F401
+    import backends.tvm  # noqa: F401
+
+    for ep in _entry_points():
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plug-in must not break graphopt
+            _plugin_errors.append(f"backend entry point '{ep.name}' ({ep.value}): {exc}")
+            continue
+        if isinstance(obj, type) and issubclass(obj, Backend) and obj not in _BACKENDS.values():
+            try:
+                register_backend(obj.name or ep.name)(obj)
+            except ValueError as exc:
+                _plugin_errors.append(f"backend entry point '{ep.name}' ({ep.value}): {exc}")
+
+
+def _entry_points():
+    eps = importlib.metadata.entry_points()
+    if sys.version_info >= (3, 10):
+        return list(eps.select(group=ENTRY_POINT_GROUP))
+    return list(eps.get(ENTRY_POINT_GROUP, []))  # pragma: no cover
+
+
+def backends() -> dict[str, type[Backend]]:
+    _ensure_loaded()
+    return dict(sorted(_BACKENDS.items()))
+
+
+def plugin_errors() -> list[str]:
+    _ensure_loaded()
+    return list(_plugin_errors)
+
+
+def get_backend(name: str) -> Backend:
+    """A fresh instance of the backend registered as ``name``."""
+    _ensure_loaded()
+    try:
+        return _BACKENDS[name]()
+    except KeyError:
+        known = ", ".join(sorted(_BACKENDS))
+        raise UsageError(f"--backend '{name}': unknown backend{_suggest(name, list(_BACKENDS))} "
+                         f"(known: {known})") from None

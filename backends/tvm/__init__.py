@@ -1,0 +1,157 @@
+"""The ``tvm`` backend: ONNX -> Relax -> a shared library for a CPU or GPU.
+
+The artifact holds ``model.so`` (exported with ``export_library``; the weights
+are constants inside it) and the manifest.  Building goes through
+``backends.tvm.schedule.build`` (default schedules, optional MetaSchedule
+tuning).  TVM is imported only when a model is compiled or loaded.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.artifact import input_specs
+from backends.base import Artifact, Backend, CompileError, CompileOptions, CompileResult, Runner, RunError, TensorSpec
+from backends.registry import register_backend
+from backends.tvm import targets as _targets
+from graphopt.errors import UsageError, first_line
+
+LIBRARY = "model.so"
+
+
+@register_backend("tvm")
+class TVMBackend(Backend):
+    """Apache TVM (Relax): a compiled shared library per target."""
+
+    def targets(self) -> dict[str, str]:
+        return _targets.describe()
+
+    def resolve_target(self, target: str) -> dict[str, Any]:
+        return {"name": target if target in _targets.PRESETS else "json", **_targets.resolve(target).as_dict()}
+
+    def check_options(self, options: CompileOptions) -> None:
+        if options.tune_trials < 0:
+            raise UsageError(f"--tune-trials must be >= 0, got {options.tune_trials}")
+        if options.rpc and not options.tune_trials:
+            raise UsageError("--rpc measures tuning candidates on a remote device; it needs --tune-trials N")
+        if (options.tune_trials or options.tune_db) and _schedule() is None:
+            raise UsageError("--tune-trials/--tune-db: tuning needs backends/tvm/schedule.py, which this install lacks")
+
+    def versions(self) -> dict[str, str]:
+        import tvm
+
+        return {"tvm": str(tvm.__version__)}
+
+    def compile(self, model: Any, target: str, options: CompileOptions, folder: Path) -> CompileResult:
+        import tvm
+
+        from backends.tvm import frontend
+
+        spec = _targets.resolve(target)
+        inputs = input_specs(model, options.input_shapes, static=True)
+        t0 = time.perf_counter()
+        proto = frontend.prepare(model, inputs)
+        mod = frontend.import_onnx(proto, inputs)
+        outputs = frontend.output_specs(mod, [o.name for o in proto.graph.output])
+        t1 = time.perf_counter()
+        executable, tuning = build(mod, tvm.target.Target(spec.tvm), options)
+        t2 = time.perf_counter()
+        fcompile = None
+        if spec.cc:
+            from tvm.support import cc
+
+            fcompile = cc.cross_compiler(spec.cc)
+        try:
+            executable.export_library(str(folder / LIBRARY), fcompile=fcompile)
+        except Exception as exc:
+            raise CompileError(f"linking {LIBRARY} failed ({spec.cc or 'host compiler'}): "
+                               f"{frontend._message(exc)}") from None
+        seconds = {"prepare_and_import": round(t1 - t0, 3), "build": round(t2 - t1, 3),
+                   "export": round(time.perf_counter() - t2, 3)}
+        return CompileResult(inputs=inputs, outputs=outputs, files={"library": LIBRARY}, target={},
+                             extra={"weights": f"constants inside {LIBRARY}", "tuning": tuning, "seconds": seconds,
+                                    "prepared": "input shapes pinned, then simplify (exact passes)"})
+
+    def load(self, artifact: Artifact) -> Runner:
+        target = artifact.manifest.get("target", {})
+        arch = target.get("arch")
+        if arch and arch != _targets.host_arch():
+            raise UsageError(f"{artifact.path}: compiled for {arch} (target '{target.get('name')}'); "
+                             f"this machine is {_targets.host_arch()}: copy the folder to the device and run it there")
+        return TVMRunner(artifact.file("library"), str(target.get("device", "cpu")), artifact.inputs, artifact.outputs)
+
+
+def _schedule():
+    """backends.tvm.schedule, or None while that module does not exist."""
+    try:
+        from backends.tvm import schedule
+    except ModuleNotFoundError as exc:
+        if exc.name == "backends.tvm.schedule":
+            return None
+        raise
+    return schedule
+
+
+def build(mod: Any, target: Any, options: CompileOptions) -> tuple[Any, dict[str, Any]]:
+    """The relax Executable for ``mod``, and a tuning summary for the manifest."""
+    schedule = _schedule()
+    try:
+        if schedule is not None:
+            result = schedule.build(mod, target, tune_trials=options.tune_trials, tune_db=options.tune_db,
+                                    rpc=options.rpc, progress=options.progress)
+            summary = getattr(schedule, "last_summary", None)
+            summary = dict(summary()) if callable(summary) else {}
+            return result, {"trials": options.tune_trials, "database": str(options.tune_db or "") or None,
+                            "rpc": options.rpc, "schedules": "backends.tvm.schedule", **summary}
+        # Fallback while backends/tvm/schedule.py is missing: TVM's default
+        # pipeline for the target (legalize; DLight schedules for GPUs), untuned.
+        import tvm
+
+        return tvm.compile(mod, target), {"trials": 0, "database": None, "rpc": None, "schedules": "tvm default"}
+    except (UsageError, CompileError):
+        raise
+    except Exception as exc:
+        from backends.tvm.frontend import _message
+
+        raise CompileError(f"TVM build for {target.kind.name} failed: {_message(exc)}") from None
+
+
+class TVMRunner(Runner):
+    """A Relax VM over the exported library."""
+
+    def __init__(self, library: Path, device: str, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+        super().__init__(inputs, outputs)
+        import tvm
+        from tvm import relax
+
+        try:
+            self.device = tvm.device(device, 0)
+            present = self.device.exist
+        except Exception:
+            present = False
+        if not present:
+            raise UsageError(f"{library.parent}: compiled for a {device} device, and this machine has none")
+        try:
+            lib = tvm.runtime.load_module(str(library))
+            self.vm = relax.VirtualMachine(lib, self.device)
+        except Exception as exc:
+            from graphopt.errors import ModelError
+
+            raise ModelError(f"{library}: TVM cannot load the library ({first_line(exc)})") from None
+        self._main = self.vm["main"]
+
+    def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        import tvm
+
+        try:
+            args = [tvm.runtime.tensor(a, self.device) for a in arrays]
+            result = self._main(*args)
+            values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+            return {spec.name: v.numpy() for spec, v in zip(self.outputs, values)}
+        except Exception as exc:
+            from backends.tvm.frontend import _message
+
+            raise RunError(f"TVM run failed: {_message(exc)}") from None

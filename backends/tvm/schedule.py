@@ -1,0 +1,464 @@
+"""Schedules for the TVM backend: a default for every kernel, MetaSchedule tuning on demand.
+
+Relax lowers each fused group of ONNX nodes to a TIR kernel.  Left unscheduled, a
+CPU kernel is a plain single-threaded loop nest (tens of times slower than
+onnxruntime) and a GPU kernel does not compile at all, so ``build`` always
+schedules every kernel:
+
+* kernels found in the tuning database get their tuned schedule;
+* on GPU targets the rest get DLight's default GPU rules;
+* on CPU targets the rest get DLight's CPU rules (GEMV, reductions); other
+  kernels stay plain loop nests (the wheel has no BLAS or DNNL to dispatch to),
+  which is why an untuned CPU build is far slower than onnxruntime.
+
+Tuning (``tune_trials > 0``) measures candidates locally or on boards behind an
+RPC tracker and appends every measurement to a JSON database as it goes, so an
+interrupted run keeps what it measured and a later build, of this model or of
+another one sharing kernels, reuses it instead of tuning again.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import tvm
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from graphopt.errors import UsageError
+
+# Seed of the tuning search, so that two tuning runs of one model agree.
+DEFAULT_SEED = 0
+# Largest batch of candidates measured in one tuning round.
+_MAX_TRIALS_PER_ITER = 64
+# Seconds to wait for the RPC tracker to answer.
+_RPC_TIMEOUT_S = 10
+# Seconds the MetaSchedule self-check may take before tuning is refused.
+_PROBE_TIMEOUT_S = 60
+
+
+def build(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    tune_trials: int = 0,
+    tune_db: str | os.PathLike | None = None,
+    rpc: str | None = None,
+    progress: bool = True,
+) -> "relax.VMExecutable":
+    """Compile a Relax module (as imported from ONNX, static shapes) for ``target``.
+
+    ``tune_trials`` is the measurement budget of the whole module; 0 tunes nothing
+    (but a ``tune_db`` from earlier runs is still applied).  ``tune_db`` is a
+    folder holding the JSON database (created on demand).  ``rpc`` is
+    ``HOST:PORT:KEY`` of an RPC tracker whose boards measure the candidates.
+    """
+    if tune_trials < 0:
+        raise UsageError(f"tune trials must be >= 0, got {tune_trials}")
+    target = _normalized_target(target)
+    rpc_config = parse_rpc(rpc) if rpc else None
+    if rpc_config is not None:
+        check_tracker(rpc_config)
+    mod = bind_params(mod)
+    mod = lower_to_kernels(mod, target)
+
+    with _database(tune_db, tune_trials) as database:
+        if tune_trials > 0:
+            tune(mod, target, database, tune_trials, rpc_config=rpc_config, progress=progress)
+        if database is not None:
+            with target, database:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        mod = default_schedule(mod, target)
+        return tvm.compile(mod, target, relax_pipeline=_finish_pipeline(target))
+
+
+# ---------------------------------------------------------------- module preparation
+
+
+def _normalized_target(target: tvm.target.Target | str | dict) -> tvm.target.Target:
+    """The target with ``num-cores`` set on CPU: MetaSchedule's parallel rules need it."""
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    if target.kind.name == "llvm" and int(target.attrs.get("num-cores", 0) or 0) <= 0:
+        config = dict(target.export())
+        config["num-cores"] = _physical_cores()
+        target = tvm.target.Target(config)
+    return target
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return max(1, os.cpu_count() or 1)
+
+
+def bind_params(mod: tvm.IRModule) -> tvm.IRModule:
+    """Bind weights kept as a function's ``params`` attribute (``from_onnx(...,
+    keep_params_in_input=True)``) so they fold into constants.  A module whose
+    weights were already detached keeps them as inputs, to be passed at run time."""
+    out = mod
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or func.attrs is None or "params" not in func.attrs:
+            continue
+        values = list(func.attrs["params"])
+        num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(func.params) - len(values)
+        weights = list(func.params)[num_input:]
+        if len(weights) != len(values):
+            raise UsageError(
+                f"function {gv.name_hint}: {len(values)} bound weights for {len(weights)} weight inputs"
+            )
+        stripped = func.without_attr("params")
+        out = tvm.IRModule({**{g: f for g, f in out.functions_items()}, gv: stripped})
+        out = relax.transform.BindParams(gv.name_hint, dict(zip(weights, values)))(out)
+    return out
+
+
+def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Relax ops to fused TIR kernels: the form MetaSchedule extracts tasks from."""
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        *_library_dispatch(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _library_dispatch(target: tvm.target.Target) -> list:
+    try:
+        return list(relax.pipeline.library_dispatch_passes(target))
+    except (ValueError, AttributeError):
+        return []
+
+
+def _finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """What ``tvm.compile`` still runs once every kernel is scheduled."""
+    try:
+        passes = list(relax.pipeline.dataflow_lower_passes(target)) + list(relax.pipeline.finalize_passes(target))
+    except (ValueError, AttributeError):
+        passes = [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+    return tvm.transform.Sequential(passes)
+
+
+# ---------------------------------------------------------------- default schedules
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    return relax.pipeline.BackendDispatcher.is_gpu_target(target)
+
+
+def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule the kernels the database did not: DLight's GPU rules (a GPU kernel
+    without a schedule does not compile), DLight's CPU rules on ``llvm``."""
+    if is_gpu(target):
+        from tvm.s_tir import dlight as dl
+
+        with target:
+            return dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(),
+                dl.gpu.GEMV(),
+                dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback(),
+            )(mod)
+    if target.kind.name != "llvm":
+        return mod
+    from tvm.s_tir import dlight as dl
+
+    with target:
+        return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+
+
+_QUIET_LOGGER = logging.getLogger("graphopt.tvm.schedule")
+_QUIET_LOGGER.setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- database
+
+
+@contextmanager
+def _database(tune_db: str | os.PathLike | None, tune_trials: int) -> Iterator[ms.Database | None]:
+    if tune_db is None:
+        yield ms.database.MemoryDatabase() if tune_trials > 0 else None
+        return
+    folder = Path(tune_db)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"tune database {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        db = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable or corrupt JSON
+        from graphopt.errors import first_line
+
+        raise UsageError(f"tune database {folder}: {first_line(exc)}") from None
+    yield db
+
+
+def tuned(database: ms.Database, task_mod: tvm.IRModule) -> bool:
+    """Whether the database holds a valid measured schedule for this kernel."""
+    if not database.has_workload(task_mod):
+        return False
+    return bool(database.get_top_k(database.commit_workload(task_mod), 1))
+
+
+# ---------------------------------------------------------------- RPC
+
+
+def parse_rpc(text: str) -> ms.runner.RPCConfig:
+    """``HOST:PORT:KEY`` into an RPC configuration (one-line UsageError otherwise)."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"rpc {text!r}: expected HOST:PORT:KEY")
+    host, port, key = parts
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"rpc {text!r}: port {port!r} is not a number in 1..65535")
+    return ms.runner.RPCConfig(
+        tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=_RPC_TIMEOUT_S
+    )
+
+
+def check_tracker(config: ms.runner.RPCConfig) -> None:
+    """Fail in one line, before any tuning, when the tracker or its boards are absent."""
+    where = f"{config.tracker_host}:{config.tracker_port}"
+    try:
+        tracker = tvm.rpc.connect_tracker(config.tracker_host, config.tracker_port)
+        summary = tracker.summary()
+    except Exception as exc:  # noqa: BLE001 - refused, unresolvable host, timeout
+        from graphopt.errors import first_line
+
+        raise UsageError(f"rpc tracker {where} unreachable: {first_line(exc)}") from None
+    keys = {str(item["key"]).split(":")[-1] for item in summary.get("server_info", [])}
+    if config.tracker_key not in keys:
+        found = ", ".join(sorted(keys)) or "none"
+        raise UsageError(f"rpc tracker {where} has no board with key {config.tracker_key!r} (keys: {found})")
+
+
+# ---------------------------------------------------------------- tuning
+
+
+def tune(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    database: ms.Database,
+    trials: int,
+    *,
+    rpc_config: ms.runner.RPCConfig | None = None,
+    progress: bool = True,
+) -> int:
+    """Tune the kernels of ``mod`` the database does not have yet; return how many
+    were tuned.  Records are committed as they are measured, so Ctrl-C loses
+    nothing measured; the KeyboardInterrupt then propagates."""
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    todo = [t for t in tasks if not tuned(database, t.dispatched[0])]
+    report = _Reporter(progress, len(tasks), len(tasks) - len(todo), trials)
+    if not todo:
+        report.line(f"all {len(tasks)} kernels already in the tuning database")
+        return 0
+    _require_metaschedule()
+    workdir = tempfile.mkdtemp(prefix="graphopt-tune-")
+    contexts = []
+    for i, task in enumerate(todo):
+        contexts.append(
+            ms.TuneContext(
+                mod=task.dispatched[0],
+                target=task.target,
+                space_generator="post-order-apply",
+                search_strategy="evolutionary",
+                task_name=task.task_name,
+                logger=_QUIET_LOGGER,
+                rand_state=DEFAULT_SEED + i,
+                num_threads="physical",
+            ).clone()
+        )
+    per_iter = max(1, min(_MAX_TRIALS_PER_ITER, trials // len(todo)))
+    num_cores = contexts[0].num_threads
+    builder = ms.builder.LocalBuilder(max_workers=num_cores)
+    if rpc_config is not None:
+        runner = ms.runner.RPCRunner(rpc_config=rpc_config, max_workers=1)
+    else:
+        runner = ms.runner.LocalRunner()
+    cost_model = _cost_model(num_cores)
+    report.start([t.task_name for t in todo])
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(report, [t.task_name for t in todo])]
+    scheduler_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    old_level = scheduler_logger.level
+    scheduler_logger.setLevel(logging.WARNING)
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=[float(t.weight) for t in todo],
+            work_dir=workdir,
+            max_trials_global=trials,
+            max_trials_per_task=trials,
+            num_trials_per_iter=per_iter,
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=cost_model,
+            measure_callbacks=callbacks,
+            task_scheduler="gradient",
+        )
+    finally:
+        scheduler_logger.setLevel(old_level)
+        report.stop()
+    return len(todo)
+
+
+_PROBE = (
+    "import tvm; from tvm import te; from tvm.s_tir import meta_schedule as ms\n"
+    "A = te.placeholder((8, 8)); B = te.compute((8, 8), lambda i, j: A[i, j] * 2)\n"
+    "mod = tvm.IRModule({'main': te.create_prim_func([A, B])})\n"
+    "tvm.ir.save_json(mod)\n"  # what the JSON database writes
+    "ms.TuneContext(mod,"
+    " target=tvm.target.Target({'kind': 'llvm', 'num-cores': 1}), space_generator='post-order-apply')\n"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def metaschedule_problem() -> str | None:
+    """Why MetaSchedule cannot tune here, or None.  It needs psutil, and some
+    builds of the wheel crash serializing a kernel to JSON (the database's
+    format) or hang creating a tuning context, so both are tried once in a
+    child process with a time limit instead of in this one."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return "tuning needs the psutil package (pip install psutil)"
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], timeout=_PROBE_TIMEOUT_S, capture_output=True)
+    except subprocess.TimeoutExpired:
+        return f"MetaSchedule hangs creating a tuning context in this TVM build (> {_PROBE_TIMEOUT_S} s)"
+    if done.returncode != 0:
+        return (
+            f"this TVM build crashes serializing a kernel or creating a tuning context (exit {done.returncode})"
+        )
+    return None
+
+
+def _require_metaschedule() -> None:
+    problem = metaschedule_problem()
+    if problem is not None:
+        raise UsageError(f"cannot tune: {problem}")
+
+
+def _cost_model(num_cores: int) -> ms.CostModel:
+    """XGBoost when installed (the better guide); random order otherwise."""
+    try:
+        import xgboost  # noqa: F401  # pylint: disable=unused-import
+
+        return ms.CostModel.create("xgb", num_tuning_cores=num_cores)
+    except ImportError:
+        return ms.CostModel.create("random")
+
+
+class _Reporter:
+    """A rich bar on a terminal; one status line per measured batch otherwise."""
+
+    def __init__(self, enabled: bool, n_kernels: int, n_cached: int, trials: int) -> None:
+        self.enabled = enabled
+        self.n_kernels = n_kernels
+        self.n_cached = n_cached
+        self.trials = trials
+        self.done = 0
+        self.best: dict[str, float] = {}
+        self._bar = None
+        self._task = None
+        self._t0 = time.monotonic()
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(f"graphopt: {text}")
+        else:
+            print(f"graphopt: {text}", file=sys.stderr, flush=True)
+
+    def start(self, names: list[str]) -> None:
+        self.line(
+            f"tuning {len(names)} of {self.n_kernels} kernels ({self.n_cached} from the database), "
+            f"{self.trials} trials"
+        )
+        if not self.enabled or not sys.stderr.isatty():
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from graphopt.console import console
+
+        self._bar = Progress(
+            TextColumn("graphopt: tuning {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console(),
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(names[0], total=self.trials)
+
+    def measured(self, name: str, n: int, secs: list[float]) -> None:
+        self.done += n
+        if secs:
+            self.best[name] = min(self.best.get(name, math.inf), min(secs))
+        best = self.best.get(name)
+        best_txt = f"best {best * 1e3:.3f} ms" if best is not None else "no valid candidate yet"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=min(self.done, self.trials), description=f"{name} ({best_txt})")
+        else:
+            self.line(f"tuning {name}: {n} trials, {best_txt} [{self.done}/{self.trials}]")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self.done:
+            self.line(f"tuned {self.done} trials in {time.monotonic() - self._t0:.0f} s")
+
+
+@derived_object
+class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
+    def __init__(self, report: _Reporter, names: list[str]) -> None:
+        super().__init__()
+        self.report = report
+        self.names = names
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        secs = []
+        for result in runner_results:
+            if result.error_msg is None and result.run_secs:
+                secs.append(sum(float(s) for s in result.run_secs) / len(result.run_secs))
+        self.report.measured(self.names[task_id], len(measure_candidates), secs)

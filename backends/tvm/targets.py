@@ -1,0 +1,219 @@
+"""Named TVM targets, and TVM target dicts given as JSON.
+
+TVM 0.27 takes targets as dicts only ("llvm -mcpu=..." strings are refused),
+and ``mcpu=native`` fails with the wheel's default triple, so the host preset
+names the CPU and its disabled features explicitly.  Cross targets carry the
+Debian cross compiler that links the shared library.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from graphopt.errors import UsageError, first_line
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    name: str  # preset name, or "json"
+    tvm: dict[str, Any]  # the TVM target dict
+    device: str  # runtime device kind: cpu, cuda, vulkan, opencl, ...
+    arch: str  # machine the library runs on: x86_64, aarch64, arm, riscv64
+    cc: str | None = None  # compiler that links the .so; None: TVM's default (the host's)
+    package: str | None = None  # Debian package that provides ``cc``
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tvm": self.tvm, "device": self.device, "arch": self.arch, "cc": self.cc}
+
+
+# arch -> (cross compiler, Debian package)
+CROSS_CC = {
+    "x86_64": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu"),
+    "aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    "arm": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
+    "riscv64": ("riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu"),
+}
+_GPU_KINDS = {"cuda", "vulkan", "opencl", "rocm", "metal"}
+
+
+def host_arch() -> str:
+    return normalize_arch(platform.machine())
+
+
+def normalize_arch(name: str) -> str:
+    name = name.lower()
+    if name in ("amd64", "x86_64", "x86-64"):
+        return "x86_64"
+    if name in ("arm64", "aarch64"):
+        return "aarch64"
+    if name.startswith("arm") or name.startswith("thumb"):
+        return "arm"
+    return name
+
+
+@functools.cache
+def host_llvm() -> dict[str, Any]:
+    """The host CPU as a TVM llvm target: its name, and the features that CPU
+    model implies but this machine lacks (a VM often masks some) turned off."""
+    import tvm
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    arch = host_arch()
+    triple = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(arch) or codegen.llvm_get_system_triple()
+    target: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mcpu": cpu}
+    try:
+        host = dict(tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")())
+        implied = codegen.llvm_get_cpu_features(tvm.target.Target(target))
+        off = sorted(f for f, on in host.items() if not bool(on) and f in implied)
+    except Exception:  # no feature query in this build: the CPU name alone
+        off = []
+    if off:
+        target["mattr"] = [f"-{f}" for f in off]
+    return target
+
+
+def _x86_64() -> TargetSpec:
+    if host_arch() == "x86_64":
+        return TargetSpec("x86_64", host_llvm(), "cpu", "x86_64")
+    cc, pkg = CROSS_CC["x86_64"]
+    return TargetSpec("x86_64", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v2"}, "cpu",
+                      "x86_64", cc, pkg)
+
+
+def _cross(name: str, arch: str, tvm_target: dict[str, Any]) -> Callable[[], TargetSpec]:
+    def make() -> TargetSpec:
+        if host_arch() == arch:
+            return TargetSpec(name, tvm_target, "cpu", arch)
+        cc, pkg = CROSS_CC[arch]
+        return TargetSpec(name, tvm_target, "cpu", arch, cc, pkg)
+
+    return make
+
+
+def _gpu(kind: str, extra: dict[str, Any] | None = None) -> Callable[[], TargetSpec]:
+    def make() -> TargetSpec:
+        target = {"kind": kind, **(extra or {})}
+        if kind == "cuda":
+            target["arch"] = _cuda_arch()
+        return TargetSpec(kind, {**target, "host": host_llvm()}, kind, host_arch())
+
+    return make
+
+
+def _cuda_arch() -> str:
+    """The local GPU's compute capability, else sm_80 (compiling without a GPU)."""
+    try:
+        import tvm
+
+        dev = tvm.cuda(0)
+        if dev.exist:
+            return "sm_" + str(dev.compute_version).replace(".", "")
+    except Exception:
+        pass
+    return "sm_80"
+
+
+PRESETS: dict[str, tuple[str, Callable[[], TargetSpec]]] = {
+    "x86_64": ("this machine's x86-64 CPU (its CPU model and features)", _x86_64),
+    "aarch64": ("64-bit Arm Linux with NEON (cross: aarch64-linux-gnu-gcc)",
+                _cross("aarch64", "aarch64", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})),
+    "armv7": ("32-bit Arm Linux, hard float, NEON (cross: arm-linux-gnueabihf-gcc)",
+              _cross("armv7", "arm", {"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mcpu": "cortex-a7",
+                                      "mattr": ["+neon", "+vfp4", "+thumb2"], "mfloat-abi": "hard"})),
+    "riscv64": ("64-bit RISC-V Linux, RV64GC (cross: riscv64-linux-gnu-gcc)",
+                _cross("riscv64", "riscv64", {"kind": "llvm", "mtriple": "riscv64-linux-gnu", "mcpu": "generic-rv64",
+                                              "mattr": ["+64bit", "+m", "+a", "+f", "+d", "+c"], "mabi": "lp64d"})),
+    "cuda": ("NVIDIA GPU through CUDA (this machine's GPU, else sm_80); host code for this CPU", _gpu("cuda")),
+    "vulkan": ("GPU through Vulkan (SPIR-V); host code for this CPU", _gpu("vulkan")),
+    "opencl": ("GPU through OpenCL; host code for this CPU", _gpu("opencl")),
+}
+
+
+def describe() -> dict[str, str]:
+    return {name: text for name, (text, _) in PRESETS.items()} | {
+        "JSON": "any TVM target dict, e.g. '{\"kind\": \"llvm\", \"mcpu\": \"skylake\"}' (or a .json file)"
+    }
+
+
+def resolve(text: str) -> TargetSpec:
+    """A preset name or a TVM target dict as JSON (inline or a .json file);
+    anything else, or a target this TVM build cannot compile, is a UsageError."""
+    if text in PRESETS:
+        spec = PRESETS[text][1]()
+    elif text.lstrip().startswith("{") or text.endswith(".json"):
+        spec = _from_json(text)
+    else:
+        raise UsageError(f"--target '{text}': unknown target (presets: {', '.join(PRESETS)}; "
+                         "or a TVM target dict as JSON)")
+    _check_buildable(spec, text)
+    return spec
+
+
+def _from_json(text: str) -> TargetSpec:
+    source = text
+    if not text.lstrip().startswith("{"):
+        try:
+            source = Path(text).read_text()
+        except OSError as exc:
+            raise UsageError(f"--target {text}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(source)
+    except ValueError as exc:
+        raise UsageError(f"--target: not valid JSON ({first_line(exc)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        raise UsageError("--target: a TVM target dict needs a \"kind\", e.g. {\"kind\": \"llvm\"}")
+    try:
+        import tvm
+
+        target = tvm.target.Target(data)
+    except Exception as exc:
+        raise UsageError(f"--target: TVM refuses {json.dumps(data)}: {first_line(exc)}") from None
+    if data["kind"] == "llvm" and data.get("mcpu"):
+        _check_mcpu(target, str(data["mcpu"]))
+    kind = data["kind"]
+    if kind in _GPU_KINDS:
+        data.setdefault("host", host_llvm())
+        return TargetSpec("json", data, kind, host_arch())
+    if kind not in ("llvm", "c"):
+        raise UsageError(f"--target: kind '{kind}' is not supported (llvm, c, {', '.join(sorted(_GPU_KINDS))})")
+    triple = str(data.get("mtriple") or "")
+    arch = normalize_arch(triple.split("-")[0]) if triple else host_arch()
+    if arch == host_arch():
+        return TargetSpec("json", data, "cpu", arch)
+    if arch not in CROSS_CC:
+        raise UsageError(f"--target: no cross compiler known for mtriple '{triple}' "
+                         f"(known: {', '.join(CROSS_CC)})")
+    cc, pkg = CROSS_CC[arch]
+    return TargetSpec("json", data, "cpu", arch, cc, pkg)
+
+
+def _check_mcpu(target: Any, mcpu: str) -> None:
+    """LLVM only warns about an unknown CPU name and then emits generic code."""
+    from tvm.target import codegen
+
+    try:
+        known = list(codegen.llvm_get_cpu_archlist(target))
+    except Exception:  # no CPU list in this build: trust the name
+        return
+    if known and mcpu not in known:
+        from graphopt.pass_base import _suggest
+
+        raise UsageError(f"--target: LLVM does not know mcpu '{mcpu}' for this triple{_suggest(mcpu, known)}")
+
+
+def _check_buildable(spec: TargetSpec, text: str) -> None:
+    import tvm
+
+    kind = spec.tvm["kind"]
+    if kind != "c" and tvm.get_global_func(f"target.build.{kind}", allow_missing=True) is None:
+        raise UsageError(f"--target {text}: this TVM build has no {kind} code generator "
+                         f"(USE_{kind.upper()} is off)")
+    if spec.cc and shutil.which(spec.cc) is None:
+        raise UsageError(f"--target {text}: the cross compiler {spec.cc} is not installed "
+                         f"(Debian/Ubuntu: apt-get install {spec.package})")

@@ -1,0 +1,238 @@
+"""prune-channels on the benchmark models: what it removes, what it leaves alone
+and why, and what that buys in MACs, parameters and onnxruntime latency.
+
+Models: the nine light CNNs from onnx's backend test data with seeded random
+weights (``quantize_vs_ort.randomize_light``: as shipped every weight is a
+``ConstantOfShape`` fill, so every channel would score the same), and the
+PP-OCRv4 det/rec and PP-OCR mobile cls models from the rapidocr-onnxruntime
+wheel.  Every model first goes through ``fold-constants`` (the baseline is that
+folded model), then ``prune-channels{RATIO}`` (default ``ratio=0.3``, l1, layer
+scope, no calibration).
+
+Per model: onnx.checker passes; onnxruntime runs the pruned model on the
+original input shapes (PP-OCR: the pinned OCR sizes of ``models.py``) and the
+output shapes are unchanged; MACs and parameters before/after
+(``graphopt.summary``); latency ratio pruned / baseline, one onnxruntime thread,
+the two models alternating in each round after a warm-up, medians; the
+groups left alone, by reason.  Goal: MACs fall by >= 40% on the plain CNNs
+(alexnet, vgg19, zfnet512, squeezenet, resnet50, inception_v1, inception_v2,
+densenet121); the table names the groups left alone where they do not.
+
+    python benchmarks/prune_models.py [--models a,b] [--pipeline "prune-channels{ratio=0.3}"] [--rounds 15]
+
+``--ocr-accuracy``: PP-OCRv4 rec exact-match and character accuracy on
+``ocr_eval``'s rendered lines at ratios 0.1-0.5, without data and with
+least-squares reconstruction on calibration lines of another seed.
+
+    python benchmarks/prune_models.py --ocr-accuracy [--ratios 0.1,0.3] [--criteria l1,activation]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import models as bench_models  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt import runtime  # noqa: E402
+from graphopt.context import PassContext  # noqa: E402
+from graphopt.ir import Model  # noqa: E402
+from graphopt.summary import summarize  # noqa: E402
+
+PLAIN_CNNS = ("bvlc_alexnet", "vgg19", "zfnet512", "squeezenet", "resnet50", "inception_v1", "inception_v2",
+              "densenet121")
+MACS_GOAL = 0.40
+
+
+def baseline(name: str, path: Path) -> onnx.ModelProto:
+    if name in bench_models.light_models():
+        from quantize_vs_ort import randomize_light
+
+        proto = randomize_light(path)
+    else:
+        proto = onnx.load(str(path))
+    model = Model.from_proto(proto, source_dir=path.parent)
+    graphopt.optimize(model, "fold-constants", context=PassContext(quiet=True))
+    return model.to_proto()
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without node and tensor names, for counting."""
+    return re.sub(r"'[^']*'", "X", reason)
+
+
+def latency(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, rounds: int) -> tuple[float, float]:
+    sa, sb = runtime.session(a, threads=1), runtime.session(b, threads=1)
+    for s in (sa, sb):
+        runtime.run(s, feeds)
+    ta, tb = [], []
+    for i in range(rounds):
+        order = [(sa, ta), (sb, tb)] if i % 2 == 0 else [(sb, tb), (sa, ta)]
+        for sess, out in order:
+            t = time.perf_counter()
+            runtime.run(sess, feeds)
+            out.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def measure(name: str, path: Path, pipeline: str, rounds: int) -> dict:
+    base = baseline(name, path)
+    shapes = bench_models.input_shapes(name, path)
+    model = Model.from_proto(onnx.ModelProto.FromString(base.SerializeToString()), source_dir=path.parent)
+    t = time.perf_counter()
+    result = graphopt.optimize(model, pipeline, context=PassContext(quiet=True, input_shapes=shapes))
+    seconds = time.perf_counter() - t
+    pruned = model.to_proto()
+    onnx.checker.check_model(pruned)
+    record = next(r for r in result.records if r.name == "prune-channels")
+    s0 = summarize(Model.from_proto(base), shapes)
+    s1 = summarize(Model.from_proto(pruned), shapes)
+    feeds = bench_models.sample_inputs(name, path)
+    want = runtime.run(runtime.session(base), feeds)
+    got = runtime.run(runtime.session(pruned), feeds)
+    same_shapes = all(got[k].shape == want[k].shape for k in want) and list(got) == list(want)
+    cos = min(runtime.cosine_similarity(got[k], want[k]) for k in want)
+    t0, t1 = latency(base, pruned, feeds, rounds)
+    alone = collections.Counter(_reason_kind(n.split(" left alone: ", 1)[1]) for n in record.notes
+                                if " left alone: " in n)
+    stats = record.stats
+    return {
+        "model": name, "checker": True, "same_shapes": same_shapes,
+        "groups": stats["groups"], "prunable": stats["groups_prunable"], "pruned": stats.get("groups_pruned", 0),
+        "channels_before": stats["channels_before"], "channels_after": stats["channels_after"],
+        "macs_before": s0["macs"], "macs_after": s1["macs"], "params_before": s0["params"],
+        "params_after": s1["params"], "latency_ms": [t0 * 1e3, t1 * 1e3], "latency_ratio": t1 / t0,
+        "cosine": cos, "seconds": seconds, "left_alone": dict(alone.most_common()),
+    }
+
+
+def _pct(before: int, after: int) -> str:
+    return f"-{100 * (1 - after / before):.1f}%" if before else "n/a"
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| model | groups (prunable / pruned) | channels | MACs | params | latency (ms) | ratio | output cos | ok |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['groups']} ({r['prunable']} / {r['pruned']}) | "
+              f"{r['channels_before']} -> {r['channels_after']} | "
+              f"{r['macs_before'] / 1e6:.0f}M -> {r['macs_after'] / 1e6:.0f}M ({_pct(r['macs_before'], r['macs_after'])}) | "
+              f"{r['params_before'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M "
+              f"({_pct(r['params_before'], r['params_after'])}) | "
+              f"{r['latency_ms'][0]:.1f} -> {r['latency_ms'][1]:.1f} | {r['latency_ratio']:.2f} | {r['cosine']:.3f} | "
+              f"{'yes' if r['checker'] and r['same_shapes'] else 'NO'} |")
+    print()
+    print("Groups left alone, by reason (node names replaced by X):")
+    print()
+    for r in rows:
+        if r["left_alone"]:
+            text = "; ".join(f"{n}x {k}" for k, n in r["left_alone"].items())
+            print(f"* {r['model']}: {text}")
+
+
+def ocr_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[str]) -> list[dict]:
+    """PP-OCRv4 rec task metrics (``ocr_eval``: rendered lines of the evaluation
+    seed) after ``prune-channels`` at each ratio, without data (l1, bias folding
+    of constant channels only) and with ``n_calib`` calibration lines of another
+    seed (least-squares reconstruction)."""
+    import tempfile
+
+    import ocr_eval
+    from graphopt.calibration import open_reader
+
+    path = bench_models.ppocr_models()["ppocr_rec"]
+    data = ocr_eval.make_rec_dataset(n_eval)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="graphopt-prune-ocr-") as tmp:
+        base = baseline("ppocr_rec", path)
+        base_path = Path(tmp) / "base.onnx"
+        onnx.save(base, base_path)
+        ref = ocr_eval.evaluate_rec(base_path, data)
+        rows.append({"ratio": 0.0, "variant": "original", "exact_match": ref["exact_match"],
+                     "char_accuracy": ref["char_accuracy"], "macs": summarize(Model.from_proto(base),
+                     bench_models.PINNED_SHAPES["ppocr_rec"])["macs"]})
+        calib_path = ocr_eval.save_calibration("rec", Path(tmp) / "calib.npz", n=n_calib, model=base_path)
+        for ratio in ratios:
+            for criterion in criteria:
+                for variant in ("no data", "reconstruct"):
+                    model = Model.from_proto(onnx.ModelProto.FromString(base.SerializeToString()))
+                    ctx = PassContext(quiet=True)
+                    if variant == "reconstruct":
+                        ctx.calibration = open_reader(str(calib_path), model, quiet=True)
+                    elif criterion == "activation":
+                        continue
+                    t = time.perf_counter()
+                    result = graphopt.optimize(
+                        model, f"prune-channels{{ratio={ratio},criterion={criterion},calib-samples={n_calib}}}",
+                        context=ctx)
+                    seconds = time.perf_counter() - t
+                    out = Path(tmp) / f"pruned_{ratio}_{criterion}_{variant[0]}.onnx"
+                    onnx.save(model.to_proto(), out)
+                    res = ocr_eval.evaluate_rec(out, data)
+                    stats = result.records[-1].stats
+                    rows.append({"ratio": ratio, "variant": variant, "criterion": criterion,
+                                 "exact_match": res["exact_match"], "char_accuracy": res["char_accuracy"],
+                                 "channels": [stats["channels_before"], stats["channels_after"]],
+                                 "macs": summarize(model, bench_models.PINNED_SHAPES["ppocr_rec"])["macs"],
+                                 "seconds": seconds})
+                    print(f"  rec ratio {ratio} {criterion} {variant}: {res['exact_match']:.3f} "
+                          f"({seconds:.0f}s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_ocr(rows: list[dict]) -> None:
+    print("| ratio | criterion | recovery | channels (prunable) | MACs | exact match | char accuracy |")
+    print("|---|---|---|---|---|---|---|")
+    macs0 = rows[0]["macs"]
+    for r in rows:
+        ch = f"{r['channels'][0]} -> {r['channels'][1]}" if "channels" in r else "-"
+        print(f"| {r['ratio']:g} | {r.get('criterion', '-')} | {r['variant']} | {ch} | "
+              f"{r['macs'] / 1e6:.0f}M ({_pct(macs0, r['macs'])}) | {r['exact_match']:.3f} | {r['char_accuracy']:.4f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated subset of models")
+    ap.add_argument("--pipeline", default="prune-channels{ratio=0.3}")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--ocr-accuracy", action="store_true",
+                    help="instead: PP-OCRv4 rec task metrics at several ratios, with and without reconstruction")
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
+    ap.add_argument("--criteria", default="l1")
+    ap.add_argument("--eval-lines", type=int, default=200)
+    ap.add_argument("--calib-lines", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.ocr_accuracy:
+        rows = ocr_accuracy([float(r) for r in args.ratios.split(",")], args.eval_lines, args.calib_lines,
+                            args.criteria.split(","))
+        print_ocr(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    rows = []
+    for name, path in bench_models.select(args.models).items():
+        rows.append(measure(name, path, args.pipeline, args.rounds))
+        print(f"  {name}: done ({rows[-1]['seconds']:.1f}s)", file=sys.stderr, flush=True)
+    print_table(rows)
+    missed = [r["model"] for r in rows if r["model"] in PLAIN_CNNS
+              and 1 - r["macs_after"] / max(r["macs_before"], 1) < MACS_GOAL]
+    broken = [r["model"] for r in rows if not (r["checker"] and r["same_shapes"])]
+    print(f"\nMACs -{MACS_GOAL:.0%} goal missed on: {', '.join(missed) or 'none'}; broken: {', '.join(broken) or 'none'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

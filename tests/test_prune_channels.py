@@ -1,0 +1,236 @@
+"""prune-channels: options, stats, recovery; graph shapes and onnxruntime numbers."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import graphopt
+from conftest import apply, make_model, ort_run, random_feeds, vi
+from graphopt import runtime
+from graphopt.calibration import open_reader
+from graphopt.context import PassContext
+from graphopt.errors import UsageError
+from graphopt.ir import Model
+from test_pruning_groups import conv, init_shapes
+
+F = np.float32
+
+
+def _chain(c1: int = 32, c2: int = 16, seed: int = 0, bias1=None, w1=None, pads=1):
+    """x -> Conv(c1) -> Relu -> Conv(c2) -> Relu -> Conv(4) -> y."""
+    rng = np.random.default_rng(seed)
+    inits = {"w1": rng.standard_normal((c1, 3, 3, 3)).astype(F) * 0.3 if w1 is None else w1,
+             "b1": rng.standard_normal(c1).astype(F) * 0.1 if bias1 is None else bias1,
+             "w2": rng.standard_normal((c2, c1, 1, 1)).astype(F) * 0.3,
+             "b2": rng.standard_normal(c2).astype(F) * 0.1,
+             "w3": rng.standard_normal((4, c2, 3, 3)).astype(F) * 0.3}
+    nodes = [conv("x", "w1", "a", "b1", pads=[pads] * 4), helper.make_node("Relu", ["a"], ["ra"], name="relu1"),
+             conv("ra", "w2", "b", "b2"), helper.make_node("Relu", ["b"], ["rb"]),
+             conv("rb", "w3", "y", pads=[1, 1, 1, 1])]
+    for i, n in enumerate(nodes):
+        n.name = n.name or f"{n.op_type.lower()}{i}"
+    return make_model(nodes, [vi("x", [2, 3, 6, 6])], [vi("y", [2, 4, 6 + 2 * (pads - 1), 6 + 2 * (pads - 1)])], inits)
+
+
+def _stats(result):
+    return result.records[-1].stats
+
+
+def _notes(result):
+    return result.records[-1].notes
+
+
+def test_layer_ratio_removes_channels_everywhere():
+    proto = _chain()
+    _, result, after = apply(proto, "prune-channels{ratio=0.5}")
+    shapes = init_shapes(after)
+    assert shapes["w1"] == (16, 3, 3, 3) and shapes["b1"] == (16,) and shapes["w2"] == (8, 16, 1, 1)
+    assert shapes["w3"] == (4, 8, 3, 3)
+    stats = _stats(result)
+    assert stats["groups"] == 3 and stats["groups_pruned"] == 2
+    assert stats["channels_before"] == 48 and stats["channels_after"] == 24
+    assert any("graph output" in n for n in _notes(result))
+    onnx.checker.check_model(after)
+    feeds = random_feeds(proto)
+    want, got = ort_run(proto, feeds)["y"], ort_run(after, feeds)["y"]
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert runtime.cosine_similarity(got, want) > 0.3  # lossy, but the same function roughly
+
+
+def test_round_to_and_min_channels():
+    _, _, after = apply(_chain(), "prune-channels{ratio=0.3,round-to=8}")
+    shapes = init_shapes(after)
+    assert shapes["w1"][0] == 24 and shapes["w2"][0] == 16  # 32-9=23 -> 24; 16-4=12 -> 16 (rounded)
+    _, _, after = apply(_chain(), "prune-channels{ratio=0.9,min-channels=10}")
+    shapes = init_shapes(after)
+    assert shapes["w1"][0] == 10 and shapes["w2"][0] == 10
+
+
+def test_protect_keeps_group_whole():
+    _, result, after = apply(_chain(), 'prune-channels{ratio=0.5,protect="conv0"}')
+    shapes = init_shapes(after)
+    assert shapes["w1"][0] == 32 and shapes["w2"][0] == 8
+    assert any("protected by 'conv0'" in n for n in _notes(result))
+    _, _, after = apply(_chain(), 'prune-channels{ratio=0.5,protect="conv2"}')  # its input and output
+    assert init_shapes(after)["w2"] == (16, 32, 1, 1)
+    _, _, after = apply(_chain(), 'prune-channels{ratio=0.5,protect="relu.*"}')
+    assert init_shapes(after)["w1"][0] == 32  # the Relu is a member of conv0's group
+
+
+def test_global_scope_ranks_across_groups():
+    _, result, after = apply(_chain(), "prune-channels{ratio=0.25,scope=global}")
+    stats = _stats(result)
+    assert stats["channels_before"] - stats["channels_after"] == 12  # floor(0.25 * 48)
+    shapes = init_shapes(after)
+    assert shapes["w1"][0] + shapes["w2"][0] == 36
+
+
+def test_options_are_checked():
+    with pytest.raises(UsageError, match="criterion=activation needs calibration"):
+        apply(_chain(), "prune-channels{criterion=activation}")
+    with pytest.raises(UsageError, match="ratio"):
+        apply(_chain(), "prune-channels{ratio=1.5}")
+    with pytest.raises(UsageError, match="criterion"):
+        apply(_chain(), "prune-channels{criterion=random}")
+
+
+def test_zero_filters_before_relu_are_removed_exactly():
+    """Filters with zero weights and a negative bias are exactly zero after the
+    ReLU; l1 scores them 0, so pruning that many channels keeps the outputs."""
+    rng = np.random.default_rng(1)
+    w1 = (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype(F)
+    b1 = (rng.standard_normal(32) * 0.1).astype(F)
+    dead = rng.choice(32, 8, replace=False)
+    w1[dead] = 0
+    b1[dead] = -0.5
+    proto = _chain(w1=w1, bias1=b1)
+    _, result, after = apply(proto, "prune-channels{ratio=0.25,protect=relu3}")
+    assert init_shapes(after)["w1"][0] == 24
+    feeds = random_feeds(proto)
+    assert runtime.relative_error(ort_run(after, feeds)["y"], ort_run(proto, feeds)["y"]) <= 1e-5
+
+
+def test_constant_channels_fold_into_next_bias_without_calibration():
+    """Zero filters with a positive bias are a constant after the ReLU; their
+    contribution moves into the next (unpadded) Conv's bias, exactly."""
+    rng = np.random.default_rng(2)
+    w1 = (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype(F)
+    b1 = (rng.standard_normal(32) * 0.1).astype(F)
+    dead = rng.choice(32, 8, replace=False)
+    w1[dead] = 0
+    b1[dead] = rng.uniform(0.2, 1.0, 8).astype(F)
+    proto = _chain(w1=w1, bias1=b1)
+    _, result, after = apply(proto, "prune-channels{ratio=0.25,protect=relu3}")
+    assert init_shapes(after)["w1"][0] == 24
+    assert _stats(result)["bias_folded"] == 1
+    feeds = random_feeds(proto)
+    assert runtime.relative_error(ort_run(after, feeds)["y"], ort_run(proto, feeds)["y"]) <= 1e-5
+
+
+def _calibrated(proto, pipeline, n=32):
+    model = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    ctx = PassContext(calibration=open_reader(f"random:{n}", model, seed=3, quiet=True))
+    result = graphopt.optimize(model, pipeline, context=ctx)
+    return result, model.to_proto()
+
+
+def test_reconstruction_brings_outputs_closer():
+    proto = _chain(c1=32, c2=32, seed=4)
+    feeds = {"x": np.random.default_rng(9).standard_normal((2, 3, 6, 6)).astype(F)}
+    want = ort_run(proto, feeds)["y"]
+    plain_result, plain = _calibrated(proto, "prune-channels{ratio=0.5,reconstruct=false}")
+    rec_result, rec = _calibrated(proto, "prune-channels{ratio=0.5}")
+    assert init_shapes(plain)["w2"] == init_shapes(rec)["w2"] == (16, 16, 1, 1)
+    assert _stats(rec_result)["reconstructed"] == 2
+    assert _stats(plain_result)["bias_folded"] == 2
+    err_plain = runtime.relative_error(ort_run(plain, feeds)["y"], want)
+    err_rec = runtime.relative_error(ort_run(rec, feeds)["y"], want)
+    assert err_rec < 0.9 * err_plain
+
+
+def test_reconstruction_recovers_redundant_channels():
+    """Channels that are positive multiples of others (ReLU commutes with the
+    scale) carry no new information: least squares folds them into the next
+    layer's weights and the outputs come back."""
+    rng = np.random.default_rng(8)
+    w1 = (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype(F)
+    b1 = (rng.standard_normal(32) * 0.1).astype(F)
+    w1[16:], b1[16:] = 0.5 * w1[:16], 0.5 * b1[:16]
+    proto = _chain(w1=w1, bias1=b1)
+    feeds = {"x": np.random.default_rng(9).standard_normal((2, 3, 6, 6)).astype(F)}
+    want = ort_run(proto, feeds)["y"]
+    _, plain = _calibrated(proto, "prune-channels{ratio=0.5,reconstruct=false,protect=relu3}")
+    _, rec = _calibrated(proto, "prune-channels{ratio=0.5,protect=relu3}")
+    assert init_shapes(rec)["w1"][0] == 16
+    assert runtime.relative_error(ort_run(plain, feeds)["y"], want) > 0.05
+    assert runtime.relative_error(ort_run(rec, feeds)["y"], want) < 1e-3
+
+
+def test_activation_criterion_uses_calibration():
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype(F)
+    w1[:8] *= 1e-3  # filters that never activate much
+    proto = _chain(w1=w1, bias1=np.full(32, -0.01, F))
+    result, after = _calibrated(proto, "prune-channels{ratio=0.25,criterion=activation,protect=relu3}", n=8)
+    kept = onnx.numpy_helper.to_array(next(t for t in after.graph.initializer if t.name == "w1"))
+    assert kept.shape[0] == 24 and np.abs(kept).max(axis=(1, 2, 3)).min() > 1e-2
+
+
+def test_bn_gamma_criterion():
+    rng = np.random.default_rng(6)
+    gamma = rng.uniform(0.5, 1.5, 16).astype(F)
+    gamma[[1, 5, 9, 13]] = 1e-3
+    inits = {"w1": rng.standard_normal((16, 3, 3, 3)).astype(F), "s": gamma, "t": np.zeros(16, F),
+             "m": np.zeros(16, F), "v": np.ones(16, F), "w2": rng.standard_normal((4, 16, 1, 1)).astype(F)}
+    nodes = [conv("x", "w1", "a", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "s", "t", "m", "v"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]), conv("r", "w2", "y")]
+    proto = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 4, 4, 4])], inits)
+    _, _, after = apply(proto, "prune-channels{ratio=0.25,criterion=bn-gamma}")
+    kept = onnx.numpy_helper.to_array(next(t for t in after.graph.initializer if t.name == "s"))
+    assert kept.shape == (12,) and kept.min() > 0.4
+
+
+def test_initializers_listed_as_inputs_stay_consistent():
+    """IR 3 models list every initializer as a graph input; the pruned shapes must match."""
+    proto = _chain()
+    proto.ir_version = 3
+    proto.opset_import[0].version = 9
+    for t in proto.graph.initializer:
+        proto.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(proto)
+    _, _, after = apply(proto, "prune-channels{ratio=0.5}")
+    onnx.checker.check_model(after)
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in after.graph.input}
+    for t in after.graph.initializer:
+        assert inputs[t.name] == list(t.dims)
+    assert inputs["w1"] == [16, 3, 3, 3]
+    feeds = {"x": np.zeros((2, 3, 6, 6), F)}
+    assert ort_run(after, feeds)["y"].shape == (2, 4, 6, 6)
+
+
+def test_nothing_prunable_is_no_change():
+    rng = np.random.default_rng(7)
+    proto = make_model([conv("x", "w", "y")], [vi("x", [1, 3, 4, 4])], [vi("y", [1, 4, 4, 4])],
+                       {"w": rng.standard_normal((4, 3, 1, 1)).astype(F)})
+    _, result, after = apply(proto, "prune-channels")
+    assert not result.records[-1].changed and init_shapes(after)["w"] == (4, 3, 1, 1)
+
+
+def test_bn_statistics_reestimated_without_reconstruction():
+    rng = np.random.default_rng(11)
+    inits = {"w1": (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(F),
+             "w2": (rng.standard_normal((8, 16, 1, 1)) * 0.3).astype(F),
+             "s": np.ones(8, F), "t": np.zeros(8, F), "m": np.zeros(8, F), "v": np.ones(8, F),
+             "w3": (rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(F)}
+    nodes = [conv("x", "w1", "a", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["ra"]),
+             conv("ra", "w2", "b"), helper.make_node("BatchNormalization", ["b", "s", "t", "m", "v"], ["bn"],
+                                                     name="bn"),
+             helper.make_node("Relu", ["bn"], ["rb"], name="relu_b"), conv("rb", "w3", "y")]
+    proto = make_model(nodes, [vi("x", [1, 3, 6, 6])], [vi("y", [1, 4, 6, 6])], inits)
+    result, after = _calibrated(proto, "prune-channels{ratio=0.5,reconstruct=false,protect=relu_b}", n=8)
+    assert _stats(result)["bn_reestimated"] == 1 and init_shapes(after)["w1"][0] == 8
+    mean = onnx.numpy_helper.to_array(next(t for t in after.graph.initializer if t.name.startswith("m")))
+    assert mean.shape == (8,) and np.abs(mean).max() > 0  # measured, no longer the zeros it had
