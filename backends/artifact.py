@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from backends.base import Artifact, CompileOptions, Runner, TensorSpec
+from graphopt.calibration import check_input_shapes
 from graphopt.errors import ModelError, UsageError, first_line
 
 MANIFEST = "manifest.json"
@@ -133,25 +134,6 @@ def check_output_folder(out: Path, model_path: Path | None = None) -> None:
             raise UsageError(f"-o {out}: folder is not empty and is not a graphopt artifact; refusing to replace it")
         if model_path is not None and out.resolve() in model_path.resolve().parents:
             raise UsageError(f"-o {out}: the input model is inside this folder; refusing to replace it")
-
-
-def check_input_shapes(model: Any, input_shapes: Mapping[str, list[int]]) -> None:
-    """``--input-shape`` names a real input, with its rank and static dims."""
-    names = [t.name for t in model.graph.inputs]
-    for name, pinned in input_shapes.items():
-        if name not in names:
-            raise UsageError(f"--input-shape: '{name}' is not an input of the model "
-                             f"(inputs: {', '.join(names) or 'none'})")
-    for t in model.graph.inputs:
-        pinned = input_shapes.get(t.name)
-        if pinned is None or t.shape is None:
-            continue
-        declared = [d if isinstance(d, int) and d >= 0 else "?" for d in t.shape]
-        if len(pinned) != len(declared) or any(d != "?" and d != p for d, p in zip(declared, pinned)):
-            shown = "x".join(str(d) for d in declared) or "a scalar"
-            raise UsageError(
-                f"--input-shape {t.name}={'x'.join(map(str, pinned))}: the model declares {t.name} as {shown}"
-            )
 
 
 def input_specs(model: Any, input_shapes: Mapping[str, list[int]], *, static: bool) -> list[TensorSpec]:

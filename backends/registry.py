@@ -8,12 +8,12 @@ plug-in that fails to load is reported by :func:`plugin_errors`, never fatal.
 from __future__ import annotations
 
 import importlib.metadata
-import sys
 from typing import Callable, TypeVar
 
 from backends.base import Backend
 from graphopt.errors import UsageError
 from graphopt.pass_base import _suggest
+from graphopt.registry import entry_points, load_entry_points
 
 ENTRY_POINT_GROUP = "graphopt.backends"
 
@@ -46,24 +46,18 @@ def _ensure_loaded() -> None:
     import backends.onnxruntime  # noqa: F401
     import backends.tvm  # noqa: F401
 
-    for ep in _entry_points():
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken plug-in must not break graphopt
-            _plugin_errors.append(f"backend entry point '{ep.name}' ({ep.value}): {exc}")
-            continue
-        if isinstance(obj, type) and issubclass(obj, Backend) and obj not in _BACKENDS.values():
-            try:
-                register_backend(obj.name or ep.name)(obj)
-            except ValueError as exc:
-                _plugin_errors.append(f"backend entry point '{ep.name}' ({ep.value}): {exc}")
+    load_entry_points(
+        _entry_points(),
+        accept=lambda obj: isinstance(obj, type) and issubclass(obj, Backend) and obj not in _BACKENDS.values(),
+        register=lambda obj, ep_name: register_backend(obj.name or ep_name)(obj),
+        errors=_plugin_errors,
+        label="backend entry point",
+        tolerate=(ValueError,),  # a name clash is reported, not fatal
+    )
 
 
-def _entry_points():
-    eps = importlib.metadata.entry_points()
-    if sys.version_info >= (3, 10):
-        return list(eps.select(group=ENTRY_POINT_GROUP))
-    return list(eps.get(ENTRY_POINT_GROUP, []))  # pragma: no cover
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return entry_points(ENTRY_POINT_GROUP)
 
 
 def backends() -> dict[str, type[Backend]]:

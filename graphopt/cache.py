@@ -200,30 +200,18 @@ class Entry:
         """Copy the cached model to ``output`` atomically (data file first, then the
         model, each through a temporary file and a rename), pointing its external
         data at ``OUTPUT.data`` as a fresh run would."""
+        from graphopt.ir import atomic_files
+
         output = Path(output)
         location = self.meta.get("data_location")
         model_bytes = (self.folder / MODEL_FILE).read_bytes()
-        tmps: list[Path] = []
-        try:
+        with atomic_files() as beside:
             if location:
                 new_location = output.name + ".data"
                 if new_location != location:
                     model_bytes = _relocate(model_bytes, location, new_location)
-                tmp_data = _tmp_beside(output.with_name(new_location))
-                tmps.append(tmp_data)
-                shutil.copyfile(self.folder / DATA_FILE, tmp_data)
-                _chmod_default(tmp_data)
-            tmp_model = _tmp_beside(output)
-            tmps.append(tmp_model)
-            tmp_model.write_bytes(model_bytes)
-            _chmod_default(tmp_model)
-            if location:
-                os.replace(tmps[0], output.with_name(output.name + ".data"))
-            os.replace(tmp_model, output)
-            tmps.clear()
-        finally:
-            for tmp in tmps:
-                tmp.unlink(missing_ok=True)
+                shutil.copyfile(self.folder / DATA_FILE, beside(output.with_name(new_location)))
+            beside(output).write_bytes(model_bytes)
         return output
 
 
@@ -350,18 +338,6 @@ def _remove(path: Path) -> None:
     except OSError:
         return
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _tmp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _chmod_default(path: Path) -> None:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 # ----------------------------------------------------------------------------------

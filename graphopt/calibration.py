@@ -47,7 +47,7 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -88,6 +88,34 @@ class InputSpec:
         if self.shape is None:
             return True
         return len(shape) == len(self.shape) and all(d is None or d == s for d, s in zip(self.shape, shape))
+
+
+def check_input_names(model: Any, flag: str, names: Iterable[str]) -> None:
+    """Each of ``names`` (given with ``flag``) is an input of the graphsurgeon ``model``."""
+    inputs = [t.name for t in model.graph.inputs]
+    for name in names:
+        if name not in inputs:
+            raise UsageError(f"{flag}: '{name}' is not an input of the model (inputs: {', '.join(inputs) or 'none'})")
+
+
+def check_input_dims(model: Any, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    """``--input-shape`` keeps the rank and the static dims the model declares."""
+    for t in model.graph.inputs:
+        pinned = input_shapes.get(t.name)
+        if pinned is None or t.shape is None:
+            continue
+        declared = [d if isinstance(d, int) and d >= 0 else "?" for d in t.shape]
+        if len(pinned) != len(declared) or any(d != "?" and d != p for d, p in zip(declared, pinned)):
+            shown = "x".join(str(d) for d in declared) or "a scalar"
+            raise UsageError(
+                f"--input-shape {t.name}={'x'.join(map(str, pinned))}: the model declares {t.name} as {shown}"
+            )
+
+
+def check_input_shapes(model: Any, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    """``--input-shape`` names a real input, with its rank and static dims."""
+    check_input_names(model, "--input-shape", input_shapes)
+    check_input_dims(model, input_shapes)
 
 
 def input_specs(model: Any, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[InputSpec]:

@@ -368,25 +368,12 @@ def _check_against_model(
 ) -> None:
     """Checks that need the model: input names given on the command line exist, and
     the output does not land on one of the input's external-data files."""
+    from graphopt.calibration import check_input_dims, check_input_names
     from graphopt.ir import refuse_overwriting_inputs
 
-    names = [t.name for t in model.graph.inputs]
-    for flag, given in (("--input-shape", input_shapes), ("--inputs", inputs or {})):
-        for name in given:
-            if name not in names:
-                raise UsageError(
-                    f"{flag}: '{name}' is not an input of the model (inputs: {', '.join(names) or 'none'})"
-                )
-    for t in model.graph.inputs:
-        pinned = input_shapes.get(t.name)
-        if pinned is None or t.shape is None:
-            continue
-        declared = [d if isinstance(d, int) and d >= 0 else "?" for d in t.shape]
-        if len(pinned) != len(declared) or any(d != "?" and d != p for d, p in zip(declared, pinned)):
-            shown = "x".join(str(d) for d in declared) or "a scalar"
-            raise UsageError(
-                f"--input-shape {t.name}={'x'.join(map(str, pinned))}: the model declares {t.name} as {shown}"
-            )
+    check_input_names(model, "--input-shape", input_shapes)
+    check_input_names(model, "--inputs", inputs or {})
+    check_input_dims(model, input_shapes)
     try:
         refuse_overwriting_inputs(model, output, [])
     except UsageError as exc:

@@ -152,6 +152,7 @@ def _write_reports(report: dict[str, Any], report_dir: Path) -> None:
     from graphopt.report_html import render
 
     write_json_atomic(report_dir / "report.json", report)
+    os.chmod(report_dir / "report.json", 0o666 & ~_umask())  # mkstemp made it private
     _write_text_atomic(report_dir / "report.html", render(report))
 
 

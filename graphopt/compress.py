@@ -558,7 +558,8 @@ def sensitivity(records: Sequence[PassRecord]) -> list[dict[str, Any]]:
 
 def _totals(summary: Mapping[str, Any], size: int | None) -> dict[str, Any]:
     return {"file_bytes": size, "nodes": summary["nodes"], "params": summary["params"],
-            "param_bytes": summary["param_bytes"], "macs": summary["macs"]}
+            "param_bytes": summary["param_bytes"], "macs": summary["macs"],
+            "symbolic_dims_as_1": summary.get("symbolic_dims_as_1", [])}
 
 
 def _report(model_path, calib, options, spec, data, calib_part, held, before, base, base_path, base_records,
@@ -611,7 +612,9 @@ def _report(model_path, calib, options, spec, data, calib_part, held, before, ba
         "latency": {"threads": options.threads, "baseline_ms": _round(base_ms),
                     "after_ms": _round(chosen.latency_ms if chosen else base_ms),
                     "ratio": _round(chosen.ratio if chosen else 1.0),
-                    "measured_on": "onnxruntime CPUExecutionProvider, interleaved with the float model, medians"},
+                    "measured_on": "onnxruntime CPUExecutionProvider, interleaved with the float model, medians"
+                                   + ("; the target is a GPU, for which CPU latency is only a proxy"
+                                      if _gpu_target(options.target) else "")},
         "fidelity": {"target": str(spec), "samples": len(held),
                      **({k: _round(v) for k, v in chosen.fidelity.items()} if chosen else
                         {"cosine": 1.0, "mean-cosine": 1.0, "top1": 1.0, "max-abs": 0.0})},

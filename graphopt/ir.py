@@ -8,13 +8,14 @@ half-written model, and it never touches the input file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -614,14 +615,11 @@ def save(
         external_data = total > TWO_GB
     data_name = path.name + ".data"
     data_path = path.parent / data_name
-    tmp_files: list[Path] = []
-    try:
+    with atomic_files() as beside:
         if external_data:
-            tmp_data = _tmp_beside(data_path)
-            tmp_files.append(tmp_data)
             # Unbuffered: tell() is then the file's real offset, which the
             # in-kernel copies of _write_external rely on.
-            with open(tmp_data, "wb", buffering=0) as out:
+            with open(beside(data_path), "wb", buffering=0) as out:
                 for tensor in tensors:
                     _write_external(tensor, out, data_name, _source_of(model, tensor))
         else:
@@ -632,17 +630,8 @@ def save(
         data = proto.SerializeToString(deterministic=True)
         if len(data) >= TWO_GB:
             raise ModelError(f"{path}: model is over 2 GB; save it with external data")
-        tmp_model = _tmp_beside(path)
-        tmp_files.append(tmp_model)
-        with open(tmp_model, "wb") as f:
+        with open(beside(path), "wb") as f:
             f.write(data)
-        if external_data:
-            os.replace(tmp_files[0], data_path)
-        os.replace(tmp_model, path)
-        tmp_files.clear()
-    finally:
-        for tmp in tmp_files:
-            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -660,15 +649,40 @@ def refuse_overwriting_inputs(model: Model, path: Path, protect) -> None:
         raise UsageError(f"{path}: refusing to overwrite the input model's external data")
 
 
-def _tmp_beside(path: Path) -> Path:
+def tmp_beside(path: Path) -> Path:
+    """A new empty file beside ``path`` to write and then rename onto it, with the
+    permissions a new file gets (0666 less the umask), as onnx.save's do."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file 0600; the renamed output should get the
-        # permissions any new file gets (0666 less the umask), as onnx.save's do.
+        # mkstemp makes the file 0600.
         os.fchmod(fd, 0o666 & ~_umask())
     finally:
         os.close(fd)
     return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[Callable[[Path], Path]]:
+    """Write several files so that a failure leaves none half-written: inside the
+    block, ``beside(dest)`` gives a temporary file (:func:`tmp_beside`) to fill;
+    when the block ends, each is renamed onto its destination in the order they
+    were asked for (data before the model that points to it); when it raises,
+    they are removed."""
+    pending: list[tuple[Path, Path]] = []
+
+    def beside(dest: Path) -> Path:
+        tmp = tmp_beside(dest)
+        pending.append((tmp, dest))
+        return tmp
+
+    try:
+        yield beside
+        while pending:
+            os.replace(*pending[0])
+            pending.pop(0)
+    finally:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 from graphopt.errors import UsageError
 from graphopt.pass_base import Pass, _suggest
@@ -50,21 +50,52 @@ def _ensure_loaded() -> None:
     _loaded = True
     import passes  # noqa: F401  (built-in passes register themselves)
 
-    for ep in _entry_points():
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken plug-in must not break graphopt
-            _plugin_errors.append(f"entry point '{ep.name}' ({ep.value}): {exc}")
-            continue
-        if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _PASSES:
-            register_pass(obj.name or ep.name)(obj)
+    load_entry_points(
+        _entry_points(),
+        accept=lambda obj: isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _PASSES,
+        register=lambda obj, ep_name: register_pass(obj.name or ep_name)(obj),
+        errors=_plugin_errors,
+        label="entry point",
+    )
 
 
-def _entry_points():
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return entry_points(ENTRY_POINT_GROUP)
+
+
+def entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
+    """The installed entry points of ``group``, on every supported Python."""
     eps = importlib.metadata.entry_points()
     if sys.version_info >= (3, 10):
-        return list(eps.select(group=ENTRY_POINT_GROUP))
-    return list(eps.get(ENTRY_POINT_GROUP, []))  # pragma: no cover
+        return list(eps.select(group=group))
+    return list(eps.get(group, []))  # pragma: no cover
+
+
+def load_entry_points(
+    eps: Iterable[importlib.metadata.EntryPoint],
+    *,
+    accept: Callable[[object], bool],
+    register: Callable[[object, str], object],
+    errors: list[str],
+    label: str,
+    tolerate: tuple[type[Exception], ...] = (),
+) -> None:
+    """Load plug-ins and register those ``accept`` takes (a module registers
+    itself on import).  A plug-in that fails to import, or whose registration
+    raises one of ``tolerate``, is recorded in ``errors``: a broken plug-in must
+    not break graphopt."""
+    for ep in eps:
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            errors.append(f"{label} '{ep.name}' ({ep.value}): {exc}")
+            continue
+        if not accept(obj):
+            continue
+        try:
+            register(obj, ep.name)
+        except tolerate as exc:
+            errors.append(f"{label} '{ep.name}' ({ep.value}): {exc}")
 
 
 def passes() -> dict[str, type[Pass]]:

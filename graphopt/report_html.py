@@ -103,6 +103,10 @@ def _summary(report: Mapping[str, Any]) -> str:
         body.append("<tr><th>" + html.escape(row[0]) + "</th>" + "".join(f'<td class="num">{c}</td>' for c in row[1:])
                     + "</tr>")
     body.append("</table>")
+    symbolic = b.get("symbolic_dims_as_1") or []
+    if symbolic:
+        body.append(f"<p>MACs count the dynamic dimension(s) {html.escape(', '.join(map(str, symbolic)))} as 1 "
+                    "(pin them with <code>--input-shape</code>).</p>")
     data = report.get("data", {})
     metrics = ", ".join(f"{k} {_num(v)}" for k, v in fid.items() if k not in ("target", "samples"))
     body.append(f"<p>Fidelity target <code>{html.escape(str(opts.get('fidelity', '')))}</code> on "
@@ -171,14 +175,15 @@ def _layers(report: Mapping[str, Any], sid: str, heading: str, key: str, label: 
         return _section(sid, heading,
                         '<p class="empty">The model has no Conv, Gemm or MatMul with constant weights.</p>')
     note = ""
+    changed = sum(1 for x in layers if x[f"{key}_after"] != x[f"{key}_before"])
+    total = len(layers)
     if len(layers) > _MAX_BARS:
         ranked = sorted(range(len(layers)), key=lambda i: (-(layers[i][f"{key}_before"] - layers[i][f"{key}_after"]),
                                                            -layers[i][f"{key}_before"], i))
         keep = sorted(ranked[:_MAX_BARS])
         note = f"<p>{_MAX_BARS} of {len(layers)} layers shown: those that changed most, then the largest.</p>"
         layers = [layers[i] for i in keep]
-    changed = sum(1 for x in layers if x[f"{key}_after"] != x[f"{key}_before"])
-    text = f"<p>{changed} of {len(layers)} layer(s) changed.</p>{note}"
+    text = f"<p>{changed} of {total} layer(s) changed.</p>{note}"
     return _section(sid, heading, text + _img(_bars(layers, key, label), heading))
 
 

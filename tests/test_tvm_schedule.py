@@ -121,14 +121,18 @@ def test_negative_trials_refused():
         schedule.build(mod, HOST, tune_trials=-1, progress=False)
 
 
-@pytest.mark.slow
-def test_tuning_fills_database_and_second_build_tunes_nothing(tmp_path, capsys):
+def _tunable_conv(seed: int) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A conv model and an input for the tuning tests; skips where MetaSchedule cannot run."""
     problem = schedule.metaschedule_problem()
     if problem is not None:
         pytest.skip(problem)
-    rng = np.random.default_rng(5)
-    model = _conv_model(rng)
-    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return _conv_model(rng), rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_tuning_fills_database_and_second_build_tunes_nothing(tmp_path, capsys):
+    model, x = _tunable_conv(5)
     db = tmp_path / "db"
     ex = schedule.build(from_onnx(model, shape_dict={"x": [1, 4, 6, 6]}), HOST, tune_trials=8, tune_db=db)
     first = capsys.readouterr().err
@@ -151,12 +155,7 @@ def test_database_hits_skip_tuning(tmp_path, capsys, monkeypatch):
     from tvm.s_tir import Schedule
     from tvm.s_tir import meta_schedule as ms
 
-    problem = schedule.metaschedule_problem()
-    if problem is not None:
-        pytest.skip(problem)
-    rng = np.random.default_rng(6)
-    model = _conv_model(rng)
-    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    model, x = _tunable_conv(6)
     target = schedule._normalized_target(HOST)
     kernels = schedule.lower_to_kernels(schedule.bind_params(from_onnx(model, {"x": [1, 4, 6, 6]})), target)
     tasks = ms.relax_integration.extract_tasks(kernels, target)

@@ -44,7 +44,7 @@ _MAX_TRIALS_PER_ITER = 64
 # Seconds to wait for the RPC tracker to answer.
 _RPC_TIMEOUT_S = 10
 # Seconds the MetaSchedule self-check may take before tuning is refused.
-_PROBE_TIMEOUT_S = 60
+_PROBE_TIMEOUT_S = 300  # creating the first tuning context takes about a minute on 2 busy cores
 
 
 def build(

@@ -838,6 +838,13 @@ def _finish(model: Model, new: _NewTensors | None) -> None:
     model.graph.toposort()
 
 
+def _prune_const(node: gs.Node, i: int, full: np.ndarray, kept: np.ndarray, new: _NewTensors) -> int:
+    """Replace constant input ``i`` of ``node`` (whose values are ``full``) by ``kept``,
+    a slice of it; the number of values removed."""
+    node.inputs[i] = new.const(node.inputs[i].name + "_pruned", kept)
+    return full.size - kept.size
+
+
 def _forget_shapes(tensors: list[gs.Tensor]) -> None:
     for t in tensors:
         if isinstance(t, gs.Variable):
@@ -931,17 +938,11 @@ class PruneHeads(Pass):
         removed = 0
         for proj in (att.q, att.k, att.v):
             lin = proj.linear
-            w = lin.matmul.inputs[1]
-            lin.matmul.inputs[1] = new.const(w.name + "_pruned", lin.weight[:, cols])
-            removed += lin.weight.size - lin.weight.shape[0] * len(cols)
+            removed += _prune_const(lin.matmul, 1, lin.weight, lin.weight[:, cols], new)
             if lin.add is not None:
-                lin.add.inputs[lin.bias_index] = new.const(lin.add.inputs[lin.bias_index].name + "_pruned",
-                                                           lin.bias[cols])
-                removed += lin.bias.size - len(cols)
+                removed += _prune_const(lin.add, lin.bias_index, lin.bias, lin.bias[cols], new)
             proj.split.rewrite({proj.head_pos: len(keep)} if proj.head_pos is not None else {}, new)
-        w = att.out.matmul.inputs[1]
-        att.out.matmul.inputs[1] = new.const(w.name + "_pruned", att.out.weight[cols, :])
-        removed += att.out.weight.size - len(cols) * att.out.weight.shape[1]
+        removed += _prune_const(att.out.matmul, 1, att.out.weight, att.out.weight[cols, :], new)
         att.merge.rewrite({att.hidden_pos: len(cols)} if att.hidden_pos is not None else {}, new)
         for src, pos in att.reshapes:
             src.rewrite({pos: len(keep)} if pos is not None else {}, new)
@@ -1043,19 +1044,13 @@ class PruneNeurons(Pass):
     def _rewrite(ffn: _FFN, keep: np.ndarray, new: _NewTensors) -> int:
         first = ffn.first
         removed = 0
-        w = first.matmul.inputs[1]
-        first.matmul.inputs[1] = new.const(w.name + "_pruned", first.weight[:, keep])
-        removed += first.weight.size - first.weight.shape[0] * len(keep)
+        removed += _prune_const(first.matmul, 1, first.weight, first.weight[:, keep], new)
         if first.add is not None:
-            first.add.inputs[first.bias_index] = new.const(first.add.inputs[first.bias_index].name + "_pruned",
-                                                           first.bias[keep])
-            removed += first.bias.size - len(keep)
+            removed += _prune_const(first.add, first.bias_index, first.bias, first.bias[keep], new)
         for node, i in ffn.per_unit:
             c = np.asarray(as_constant(node.inputs[i]).values)
             node.inputs[i] = new.const(node.inputs[i].name + "_pruned", c[keep])
             removed += c.size - len(keep)
-        w = ffn.second.inputs[1]
-        ffn.second.inputs[1] = new.const(w.name + "_pruned", ffn.second_weight[keep, :])
-        removed += ffn.second_weight.size - len(keep) * ffn.second_weight.shape[1]
+        removed += _prune_const(ffn.second, 1, ffn.second_weight, ffn.second_weight[keep, :], new)
         _forget_shapes(ffn.region)
         return int(removed)
