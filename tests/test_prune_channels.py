@@ -234,3 +234,25 @@ def test_bn_statistics_reestimated_without_reconstruction():
     assert _stats(result)["bn_reestimated"] == 1 and init_shapes(after)["w1"][0] == 8
     mean = onnx.numpy_helper.to_array(next(t for t in after.graph.initializer if t.name.startswith("m")))
     assert mean.shape == (8,) and np.abs(mean).max() > 0  # measured, no longer the zeros it had
+
+
+def test_reconstruction_after_simplify_on_a_residual_net(tmp_path):
+    """Recovery runs the half-pruned model: stale shape annotations of the
+    unpruned graph must not reach onnxruntime (the bundled example's
+    downsampling block used to fail there)."""
+    from pathlib import Path
+
+    from graphopt.cli import main
+
+    src = Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx"
+    out = tmp_path / "p.onnx"
+    rc = main(["opt", str(src), "-o", str(out), "-q", "--no-cache", "-p", "simplify,prune-channels{ratio=0.25}",
+               "--calib", "random:16"])
+    assert rc == 0
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    onnx.checker.check_model(after)
+    feeds = random_feeds(before, seed=5)
+    want, got = ort_run(before, feeds), ort_run(after, feeds)
+    assert all(got[k].shape == want[k].shape for k in want)
+    params = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731
+    assert params(after) < 0.8 * params(before)

@@ -30,6 +30,9 @@ MAX_ROWS = 8192  # rows of a least-squares problem (sampled positions)
 def _proto_with_outputs(model: Model | onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    # Mid-pruning, intermediate shape annotations may still be the unpruned
+    # ones; onnxruntime would trust them.  Let it infer shapes itself.
+    del proto.graph.value_info[:]
     present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:
