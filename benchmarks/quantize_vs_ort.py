@@ -245,6 +245,10 @@ def session(path: Path, threads: int):
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # Interleaved timing keeps several sessions alive; by default each one's
+    # worker threads spin after a run and steal the cores from the next
+    # session's run, so whichever variant follows a big model looks slow.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
