@@ -45,7 +45,7 @@ def compile_model(
     """
     from backends.registry import get_backend
     from graphopt import __version__
-    from graphopt.ir import load
+    from graphopt.ir import load, umask
 
     options = options or CompileOptions()
     be = get_backend(backend)
@@ -60,7 +60,7 @@ def compile_model(
     check_input_shapes(model, options.input_shapes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         result = be.compile(model, target, options, tmp)
         manifest = {
             "format": FORMAT,
@@ -202,9 +202,3 @@ def _replace_folder(tmp: Path, out: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -467,17 +467,12 @@ def load_npz(path: str, flag: str) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    import tempfile
+    from graphopt.ir import atomic_files
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
+    with atomic_files() as beside:
+        with open(beside(path), "w") as f:
             json.dump(data, f, indent=2, sort_keys=False, default=str)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _version() -> str:

@@ -3,9 +3,7 @@ folder for a target, and run an artifact (or a plain .onnx model)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -99,24 +97,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def write_npz_atomic(path: Path, arrays: dict[str, Any]) -> None:
     import numpy as np
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    from graphopt.ir import atomic_files
+
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with atomic_files() as beside:
+            with open(beside(path), "wb") as f:
+                np.savez(f, **arrays)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise UsageError(f"--outputs {path}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run}

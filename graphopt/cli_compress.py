@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -152,7 +151,6 @@ def _write_reports(report: dict[str, Any], report_dir: Path) -> None:
     from graphopt.report_html import render
 
     write_json_atomic(report_dir / "report.json", report)
-    os.chmod(report_dir / "report.json", 0o666 & ~_umask())  # mkstemp made it private
     _write_text_atomic(report_dir / "report.html", render(report))
 
 
@@ -220,36 +218,20 @@ def _compile(output: Path, args, options, display: "_Display") -> dict[str, Any]
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent if str(dst.parent) else ".")
-    os.close(fd)
+    from graphopt.ir import atomic_files
+
     try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dst)
+        with atomic_files() as beside:
+            shutil.copyfile(src, beside(dst))
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise UsageError(f"{dst}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from graphopt.ir import atomic_files
+
+    with atomic_files() as beside:
+        beside(path).write_text(text)
 
 
 class _Display:

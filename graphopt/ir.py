@@ -655,7 +655,7 @@ def tmp_beside(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file 0600.
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
     finally:
         os.close(fd)
     return Path(name)
@@ -685,7 +685,8 @@ def atomic_files() -> Iterator[Callable[[Path], Path]]:
             tmp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is put back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
