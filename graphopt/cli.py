@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dump-dir", help="save the model after each pass into this folder")
     opt.add_argument("--external-data", action="store_true", default=None,
                      help="write weights to OUTPUT.data (automatic over 2 GB)")
+    opt.add_argument("--write-shapes", action="store_true", default=None,
+                     help="write every inferred intermediate shape as value_info (default: only those the input had)")
     opt.add_argument("--calib", metavar="PATH",
                      help="calibration data for passes that need it: a .npz, a folder of .npy/.npz or images, "
                           "or random:N")
@@ -142,7 +144,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
     run_opts: dict[str, Any] = dict(config.run) if config else {}
     for key in ("time_passes", "verify_each", "seed", "tolerance", "dump_dir", "print_ir_after", "report",
-                "external_data"):
+                "external_data", "write_shapes"):
         value = getattr(args, key)
         if value is not None:
             run_opts[key.replace("_", "-")] = value
@@ -221,7 +223,8 @@ def cmd_opt(args: argparse.Namespace) -> int:
         if progress:
             progress.close()
     try:
-        save(model, output, external_data=run_opts.get("external-data"), protect=[args.input])
+        save(model, output, external_data=run_opts.get("external-data"), protect=[args.input],
+             write_shapes=bool(run_opts.get("write-shapes")))
     except OSError as exc:  # permission denied, disk full, ...: save leaves no partial file
         raise UsageError(f"-o {output}: cannot write ({exc.strerror or exc})") from None
     seconds = time.perf_counter() - start

@@ -113,6 +113,12 @@ class ModelInfo:
     # Serialized TypeProtos of values that are not plain tensors (optionals,
     # maps, nested sequences), which gs cannot write back itself.
     value_types: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    # Intermediate values the source model annotated (value_info).  Written
+    # models annotate only these: graphopt's own inferred shapes serve its
+    # analyses, and handing them to a runtime changes its choices (onnxruntime
+    # 1.32 fuses Add+LayerNormalization into SkipLayerNormalization only where
+    # symbolic dims prove equal shapes, and that kernel is 3-7x slower on CPU).
+    annotated: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass
@@ -143,6 +149,7 @@ class Model:
             initializer_inputs=[i.name for i in proto.graph.input if i.name in init_names],
             input_order=[i.name for i in proto.graph.input],
             value_types=_non_tensor_types(proto.graph),
+            annotated=frozenset(vi.name for g in _graph_protos(proto.graph) for vi in g.value_info),
         )
         try:
             graph = gs.import_onnx(_encode_type_attributes(proto))
@@ -597,16 +604,21 @@ def save(
     *,
     external_data: bool | None = None,
     protect: list[str | os.PathLike] = (),
+    write_shapes: bool = False,
 ) -> Path:
     """Write ``model`` atomically; external data when asked or when over 2 GB.
 
     ``protect`` lists files (the input model) that must never be overwritten.
+    ``write_shapes`` writes every inferred intermediate shape as value_info;
+    by default only the values the source model annotated keep theirs.
     """
     path = Path(path)
     if not path.parent.exists():
         raise UsageError(f"{path}: output folder '{path.parent}' does not exist")
     refuse_overwriting_inputs(model, path, protect)
     proto = model.to_proto()
+    if not write_shapes:
+        keep_annotations(proto.graph, model.info.annotated)
     for tensor in iter_tensor_protos(proto.graph):
         _drop_stale_external_mark(tensor)
     tensors = [t for t in iter_tensor_protos(proto.graph) if _tensor_nbytes(t) >= EXTERNAL_THRESHOLD]
@@ -633,6 +645,16 @@ def save(
         with open(beside(path), "wb") as f:
             f.write(data)
     return path
+
+
+def keep_annotations(graph: onnx.GraphProto, names: frozenset[str]) -> None:
+    """Drop the value_info of every intermediate value not in ``names``, in
+    ``graph`` and its subgraphs."""
+    for g in _graph_protos(graph):
+        kept = [vi for vi in g.value_info if vi.name in names]
+        if len(kept) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(kept)
 
 
 def refuse_overwriting_inputs(model: Model, path: Path, protect) -> None:

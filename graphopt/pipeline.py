@@ -217,6 +217,7 @@ RUN_KEYS = {
     "print-ir-after": list,
     "report": str,
     "external-data": bool,
+    "write-shapes": bool,
     "calib": str,
     "calib-preprocess": str,
     "calib-samples": int,

@@ -55,6 +55,42 @@ def annotate_shapes(model: Model) -> int:
     return updated
 
 
+def refine_with_symbolic_inference(model: Model) -> int:
+    """Fill in dims onnx inference left unknown with onnxruntime's symbolic
+    shape inference, which follows shape arithmetic (Shape -> Gather -> Concat
+    -> Reshape, as exporters write multi-head attention) that onnx's data
+    propagation gives up on.  Only static dims are taken.  Returns how many
+    tensors gained one; 0 when that inference fails on the model."""
+    annotate_shapes(model)
+    key = ("symbolic", model.analyses.get("shapes"))
+    if model.analyses.get("symbolic-shapes") == key:
+        return 0
+    model.analyses["symbolic-shapes"] = key
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model.to_analysis_proto(), auto_merge=True)
+    except Exception:  # unknown ops, contrib domains, its own asserts: keep what onnx proved
+        return 0
+    if inferred is None:
+        return 0
+    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    updated = 0
+    for name, tensor in model.graph.tensors().items():
+        vi = infos.get(name)
+        if not isinstance(tensor, gs.Variable) or vi is None or not vi.type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        old = tensor.shape
+        if old is None or len(old) != len(dims):
+            continue
+        new = [o if isinstance(o, int) or d is None else d for o, d in zip(old, dims)]
+        if new != list(old):
+            tensor.shape = new
+            updated += 1
+    return updated
+
+
 def _more_precise(new: list, old: list | None) -> bool:
     if old is None:
         return True

@@ -148,6 +148,29 @@ def test_round_trip_keeps_model_level_fields(tmp_path):
     assert [o.name for o in got.graph.output] == ["y", "z"]
 
 
+def test_saved_model_annotates_only_what_the_source_annotated(tmp_path):
+    """Inferred shapes stay graphopt's: a written model keeps the source's
+    value_info (refined) and gains none, unless --write-shapes asks for all."""
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+         helper.make_node("Abs", ["b"], ["y"])],
+        [vi("x", ["n", 4])], [vi("y", ["n", 4])],
+    )
+    proto.graph.value_info.append(vi("a", None))
+    src = tmp_path / "in.onnx"
+    onnx.save(proto, str(src))
+    model = graphopt.load(src)
+    graphopt.optimize(model, "infer-shapes")
+    graphopt.save(model, tmp_path / "plain.onnx")
+    graphopt.save(model, tmp_path / "all.onnx", write_shapes=True)
+    plain = onnx.load(str(tmp_path / "plain.onnx"))
+    every = onnx.load(str(tmp_path / "all.onnx"))
+    assert [v.name for v in plain.graph.value_info] == ["a"]
+    assert [d.dim_param or d.dim_value for d in plain.graph.value_info[0].type.tensor_type.shape.dim] == ["n", 4]
+    assert sorted(v.name for v in every.graph.value_info) == ["a", "b"]
+    assert_same_outputs(proto, plain, rel=0)
+
+
 def test_round_trip_keeps_model_local_functions(tmp_path):
     proto = rich_model()
     got = round_trip(tmp_path, proto)

@@ -95,7 +95,8 @@ def test_smoothing_folding_is_exact_in_float():
         sites = find_sites(model, make_selection("t", ["MatMul", "Gemm"], [], [], ""), [])
         data = open_reader("random:4", proto, seed=0, quiet=True)
         smoothing, counts = plan_smoothing(model, sites, data, 0.5, unfolded=unfolded)
-        # Q/K/V share LN1: one scale for all three, folded; FF1 into LN2; FF2 into the GELU's Mul
+        # Q/K/V share LN1: one scale for all three, folded; FF1 into LN2; the attention
+        # context into V's columns; FF2 (the GELU's output) only with an inserted Mul
         assert counts["smoothed_folded"] == 3
         assert counts["smoothed"] == (6 if unfolded else 5) and counts["smoothed_mul"] == int(unfolded)
         s = smoothing["q_matmul"].scale
@@ -112,17 +113,20 @@ def test_smoothing_raises_worst_token_cosine():
     feeds = _feeds()
     want = ort_run(proto, feeds)
     scores = {}
-    for opt in ("", "smooth=true"):
+    stats = {}
+    for opt in ("", "smooth=true", "smooth=true,per-channel=true"):
         _, result, after = apply(proto, "quantize-dynamic{%s}" % opt, _ctx(proto))
         onnx.checker.check_model(after)
         got = ort_run(after, feeds)
         scores[opt] = min(_worst_cosine(want[n], got[n]) for n in want)
+        stats[opt] = result.records[0].stats
+        ops = op_types(after)
+        # Q/K/V share one quantized activation; no Mul inserted: all folded
+        assert ops.count("DynamicQuantizeMatMul") + ops.count("MatMulIntegerToFloat") == 6 and ops.count("Mul") == 4
     assert scores["smooth=true"] > scores[""], scores
-    stats = result.records[0].stats
-    assert stats["smoothed"] == 5 and stats["quantized"] == 6
-    ops = op_types(after)
-    # Q/K/V share one quantized activation; no Mul inserted: all folded
-    assert ops.count("DynamicQuantizeMatMul") + ops.count("MatMulIntegerToFloat") == 6 and ops.count("Mul") == 4
+    # Q, K, V and FF1; the context goes into V's columns only when they get a scale each
+    assert stats["smooth=true"]["smoothed"] == 4 and stats["smooth=true"]["quantized"] == 6
+    assert stats["smooth=true,per-channel=true"]["smoothed"] == 5
 
 
 def test_smoothing_skips_unfoldable_and_inserts_mul_on_request():
@@ -148,8 +152,9 @@ def test_smoothing_with_kept_float_consumer_stays_exact():
     proto = pre_ln_block()
     ctx = _ctx(proto)
     ctx.scratch[SCRATCH_KEY] = {"keep_float": {"q_matmul"}}
-    _, result, after = apply(proto, "quantize-dynamic{smooth=true}", ctx)
-    # q keeps float: Q/K/V's LN is not shared consistently, so it is not smoothed
+    _, result, after = apply(proto, "quantize-dynamic{smooth=true,per-channel=true}", ctx)
+    # q keeps float: Q/K/V's LN is not shared consistently, so it is not smoothed; FF1 and
+    # the context (into V's columns) are
     assert result.records[0].stats["smoothed"] == 2
     f = _feeds()
     assert _worst_cosine(ort_run(proto, f)["q"], ort_run(after, f)["q"]) > 0.99999

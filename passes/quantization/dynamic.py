@@ -66,6 +66,16 @@ class Site:
     def n(self) -> int:
         return int(self.weight.shape[0 if self.trans_b else 1])
 
+    def refresh(self, overridable=frozenset()) -> None:
+        """Re-read weight and bias after a rewrite replaced the node's constants."""
+        node = self.node
+        if node.inputs[1] is not self.weight:
+            self.weight = as_constant(node.inputs[1], overridable)
+        if self.bias is not None and len(node.inputs) > 2:
+            c = as_constant(node.inputs[2], overridable)
+            bias = float(node.attrs.get("beta", 1.0)) * np.asarray(c.values, dtype=np.float32).reshape(-1)
+            self.bias = np.ascontiguousarray(np.broadcast_to(bias, (self.n,)), dtype=np.float32)
+
     def matrix(self) -> np.ndarray:
         """The weight as float32 [K, N] (loads it; only call for weights being quantized)."""
         w = np.asarray(self.weight.values, dtype=np.float32)
@@ -484,7 +494,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
                 recipe, stats["recipe"] = self._choose_recipe(model, ctx, spec, selection, config, keep, budget)
                 config.per_channel, alpha, unfolded = recipe.per_channel, recipe.alpha, True
         shared, smooth_stats = smooth_sites(self.name, model, sites, data, shared, notes, alpha=alpha,
-                                            unfolded=unfolded)
+                                            unfolded=unfolded, per_channel=config.per_channel)
         fidelity = None
         if budget is not None:
             fidelity = self._fit(model, ctx, spec, selection, sites, config, keep, shared.get("smoothing"), budget)
@@ -529,7 +539,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
             smoothing = None
             if recipe.alpha is not None:
                 smoothing, _ = plan_smoothing(m, m_sites, fit, recipe.alpha, keep_float=keep, unfolded=True,
-                                              stats=fit_stats)
+                                              stats=fit_stats, per_channel=recipe.per_channel)
             cfg = dataclasses.replace(config, per_channel=recipe.per_channel)
             quantize_dynamic(m, m_sites, cfg, keep_float=keep, smoothing=smoothing)
             sess = runtime.session(m.to_proto(), source_dir=m.source_dir)

@@ -8,11 +8,13 @@ quantization lose less:
   for each activation ``X`` read by quantized MatMul/Gemm weights, a
   per-input-channel scale ``s_j = max|X_j|^a / max|W_j|^(1-a)`` moves outlier
   magnitude from the activation into the weight rows (``X diag(1/s)`` times
-  ``diag(s) W``).  ``1/s`` is folded into the producer of ``X`` when it is a
-  LayerNormalization (gamma and beta) or a Mul by a constant and every reader
-  of ``X`` is smoothed with the same ``s`` (Q/K/V share one); otherwise the
-  activation is left alone (or, with ``smooth-unfolded=true``, divided by an
-  inserted Mul).  Folding is exact in float.
+  ``diag(s) W``).  ``1/s`` is folded upstream when every reader of ``X`` is
+  smoothed with the same ``s`` (Q/K/V share one) and ``X`` comes, through
+  ops that commute with the scale, from a LayerNormalization, a per-channel
+  Mul or a constant weight's columns (attention's context: V's projection;
+  channel_scale.py); otherwise the activation is left alone (or, with
+  ``smooth-unfolded=true``, divided by an inserted Mul).  Folding is exact in
+  float.
 * **bias correction** (``quantize-static{bias-correction=true}``): the mean
   output error ``E[(W_q - W) x]`` that weight quantization adds to each output
   channel of a Conv/Gemm/MatMul, with ``E[x]`` the per-channel mean of its
@@ -39,6 +41,8 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model, iter_graphs
 from graphopt.rewrite import as_constant, fresh_name, is_graph_output
 from passes.cleanup import STANDARD_DOMAINS, overridable_names
+from passes.quantization import channel_scale
+from passes.shapes import refine_with_symbolic_inference
 
 _F32 = np.dtype(np.float32)
 SCALE_LIMITS = (1e-4, 1e4)
@@ -121,59 +125,6 @@ def smoothing_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: fl
     return np.clip(s, *SCALE_LIMITS).astype(np.float32)
 
 
-def _fold_target(model: Model, x: gs.Tensor, k: int, overridable):
-    """``(kind, node, const index...)`` when ``x``'s producer can absorb ``1/s``."""
-    if len(x.inputs) != 1:
-        return None
-    p = x.inputs[0]
-    if p.domain not in STANDARD_DOMAINS or not p.outputs or p.outputs[0] is not x:
-        return None
-    if p.op == "LayerNormalization" and len(p.inputs) >= 2:
-        rank = len(p.inputs[0].shape) if p.inputs[0].shape is not None else None
-        axis = int(p.attrs.get("axis", -1))
-        if not (axis == -1 or (rank is not None and axis == rank - 1)):
-            return None
-        g = _f32_const(p.inputs[1], overridable)
-        if g is None or tuple(g.shape) != (k,):
-            return None
-        if len(p.inputs) > 2 and p.inputs[2].name:
-            b = _f32_const(p.inputs[2], overridable)
-            if b is None or tuple(b.shape) != (k,):
-                return None
-        return ("ln", p)
-    if p.op == "Mul" and len(p.inputs) == 2:
-        consts = [_f32_const(t, overridable) for t in p.inputs]
-        if sum(c is not None for c in consts) != 1:
-            return None
-        i = 0 if consts[0] is not None else 1
-        c = consts[i]
-        shape = tuple(c.shape)
-        xshape = x.shape
-        if xshape is None or len(shape) > len(xshape) or (shape and shape[-1] not in (1, k)):
-            return None
-        if xshape and xshape[-1] != k:
-            return None
-        return ("mul", p, i)
-    return None
-
-
-def _fold(names: _Names, target, s: np.ndarray, overridable) -> None:
-    inv = 1.0 / s.astype(np.float64)
-    if target[0] == "ln":
-        ln = target[1]
-        for i in (1, 2):
-            if len(ln.inputs) > i and ln.inputs[i].name:
-                c = as_constant(ln.inputs[i], overridable)
-                new = (np.asarray(c.values, np.float64) * inv).astype(np.float32)
-                ln.inputs[i] = names.const(c.name + "_smoothed", new)
-        return
-    _, mul, i = target
-    c = as_constant(mul.inputs[i], overridable)
-    values = np.asarray(c.values, np.float64)
-    new = values * inv if values.ndim else values.reshape(1) * inv
-    mul.inputs[i] = names.const(c.name + "_smoothed", new.astype(np.float32))
-
-
 def activation_stats(model: Model, sites: Sequence[Any], data) -> dict[str, dict[str, np.ndarray]]:
     """Per-channel statistics of the activations ``sites`` read, for
     :func:`plan_smoothing` (computed once when several strengths are tried)."""
@@ -182,13 +133,15 @@ def activation_stats(model: Model, sites: Sequence[Any], data) -> dict[str, dict
 
 def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, keep_float: Iterable[str] = (),
                    existing: Mapping[str, Any] | None = None, unfolded: bool = False,
-                   notes: list[str] | None = None, stats: Mapping[str, Any] | None = None
-                   ) -> tuple[dict[str, Any], dict[str, int]]:
+                   notes: list[str] | None = None, stats: Mapping[str, Any] | None = None,
+                   per_channel: bool = True) -> tuple[dict[str, Any], dict[str, int]]:
     """Compute SmoothQuant scales for ``sites`` (from :func:`passes.quantization.
     dynamic.find_sites`) on ``data`` (or precomputed :func:`activation_stats`)
     and fold ``1/s`` upstream where possible (edits the model).  Returns
     ``({node name: Smoothing}, counters)``; the caller multiplies ``s`` into
-    the weights (``quantize_dynamic`` does)."""
+    the weights (``quantize_dynamic`` does).  ``1/s`` goes into the columns of
+    another site's weight only when weights are quantized ``per_channel``
+    (per-column scales make that exact; one per-tensor scale would not be)."""
     from passes.quantization.dynamic import Smoothing
 
     notes = notes if notes is not None else []
@@ -208,9 +161,16 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
     groups = {n: g for n, g in groups.items() if not any(s.node.name in existing for s in g)}
     if stats is None:
         stats = channel_stats(model, data, {name: -1 for name in groups})
+    if groups:
+        refine_with_symbolic_inference(model)  # static head dims for folding through attention
     names = _Names(model)
     out: dict[str, Any] = dict(existing)
     counts = {"smoothed": 0, "smoothed_folded": 0, "smoothed_mul": 0}
+    quantized = {id(site.node) for site in sites if site.node.name not in keep}
+
+    def columns_ok(node: gs.Node) -> bool:
+        return per_channel or id(node) not in quantized
+
     for name, group in groups.items():
         x = tensors[name]
         k = group[0].k
@@ -222,9 +182,9 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
         s = smoothing_scale(st["absmax"], wmax, alpha)
         ids = {id(site.node) for site in group}
         only_ours = not is_graph_output(model.graph, x) and all(id(c) in ids for c in x.outputs)
-        target = _fold_target(model, x, k, overridable) if only_ours else None
-        if target is not None:
-            _fold(names, target, s, overridable)
+        plan = channel_scale.fold_plan(model.graph, x, k, overridable, columns_ok=columns_ok) if only_ours else None
+        if plan is not None:
+            channel_scale.apply(plan, s, names.const)
             folded = True
         elif unfolded:
             folded = False
@@ -236,11 +196,13 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
             out[site.node.name] = Smoothing(s, folded)
         counts["smoothed"] += len(group)
         counts["smoothed_folded" if folded else "smoothed_mul"] += 1
+    for site in sites:  # a fold may have scaled another site's weight columns
+        site.refresh(overridable)
     return out, counts
 
 
 def smooth_sites(pass_name: str, model: Model, sites, data, shared: Mapping[str, Any], notes: list[str], *,
-                 alpha: float | None, unfolded: bool, stats: Mapping[str, Any] | None = None):
+                 alpha: float | None, unfolded: bool, per_channel: bool, stats: Mapping[str, Any] | None = None):
     """quantize-dynamic's hook: ``(shared, extra stats)``, ``shared`` being the
     pass's scratch entry (a copy, with ``smoothing`` filled in when ``alpha``
     is given; unchanged otherwise).  Folds ``1/s`` upstream."""
@@ -251,7 +213,7 @@ def smooth_sites(pass_name: str, model: Model, sites, data, shared: Mapping[str,
                          f"(a .npz, a folder of arrays or images, or random:N)")
     smoothing, counts = plan_smoothing(model, sites, data, alpha, keep_float=shared.get("keep_float", ()),
                                        existing=shared.get("smoothing"), unfolded=unfolded, notes=notes,
-                                       stats=stats)
+                                       stats=stats, per_channel=per_channel)
     return {**shared, "smoothing": smoothing}, {**counts, "smooth_alpha": alpha}
 
 
