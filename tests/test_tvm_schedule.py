@@ -130,8 +130,6 @@ def _tunable_conv(seed: int) -> tuple[onnx.ModelProto, np.ndarray]:
     return _conv_model(rng), rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
 
 
-@pytest.mark.xfail(reason="tuning runs (apache-tvm-ffi 0.1.14), but on a second build some kernels are not "
-                   "found in the database and are tuned again; open", strict=False)
 @pytest.mark.slow
 def test_tuning_fills_database_and_second_build_tunes_nothing(tmp_path, capsys):
     model, x = _tunable_conv(5)
@@ -151,8 +149,6 @@ def test_tuning_fills_database_and_second_build_tunes_nothing(tmp_path, capsys):
     np.testing.assert_allclose(_run(ex2, x), _run(ex, x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(reason="tuning runs (apache-tvm-ffi 0.1.14), but on a second build some kernels are not "
-                   "found in the database and are tuned again; open", strict=False)
 @pytest.mark.slow  # the MetaSchedule self-check runs a child process
 def test_database_hits_skip_tuning(tmp_path, capsys, monkeypatch):
     """Kernels with a record are not tuned again: the build reads the database only."""

@@ -229,11 +229,19 @@ def _database(tune_db: str | os.PathLike | None, tune_trials: int) -> Iterator[m
     yield db
 
 
-def tuned(database: ms.Database, task_mod: tvm.IRModule) -> bool:
-    """Whether the database holds a valid measured schedule for this kernel."""
+def tuned(database: ms.Database, task_mod: tvm.IRModule, measured: list | None = None) -> bool:
+    """Whether the database holds a measured record for this kernel.
+
+    Not ``get_top_k``: it skips records whose trace is empty, and an empty trace
+    is what tuning records when the unscheduled kernel measured best (reshapes,
+    small elementwise kernels); such kernels would be tuned again on every build.
+    ``measured`` is ``database.get_all_tuning_records()`` when the caller asks
+    for many kernels."""
     if not database.has_workload(task_mod):
         return False
-    return bool(database.get_top_k(database.commit_workload(task_mod), 1))
+    workload = database.commit_workload(task_mod)  # the stored workload, not a new one
+    records = database.get_all_tuning_records() if measured is None else measured
+    return any(r.workload.same_as(workload) and r.run_secs for r in records)
 
 
 # ---------------------------------------------------------------- RPC
@@ -284,7 +292,8 @@ def tune(
     were tuned.  Records are committed as they are measured, so Ctrl-C loses
     nothing measured; the KeyboardInterrupt then propagates."""
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
-    todo = [t for t in tasks if not tuned(database, t.dispatched[0])]
+    measured = list(database.get_all_tuning_records())
+    todo = [t for t in tasks if not tuned(database, t.dispatched[0], measured)]
     report = _Reporter(progress, len(tasks), len(tasks) - len(todo), trials)
     if not todo:
         report.line(f"all {len(tasks)} kernels already in the tuning database")
