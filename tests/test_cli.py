@@ -297,6 +297,16 @@ def test_external_data_flag(capsys, model_path):
     assert_same_outputs(conv_gemm_model(), got)
 
 
+def test_write_shapes_flag(capsys, model_path):
+    """The output annotates only what the input did; --write-shapes writes every inferred shape."""
+    for flag, want in (((), set()), (("--write-shapes",), {"c", "r", "f"})):
+        code, _, err = run(capsys, "opt", model_path, "-o", "o.onnx", "-p", "simplify", "-q", "--no-cache", *flag)
+        assert code == 0, err
+        got = onnx.load("o.onnx")
+        assert {v.name for v in got.graph.value_info} == want
+        assert_same_outputs(conv_gemm_model(), got)
+
+
 def test_verify_each_with_pinned_inputs(capsys, model_path):
     np.savez("in.npz", x=np.ones((1, 3, 8, 8), np.float32))
     code, out, err = run(capsys, "opt", model_path, "-o", "o.onnx", "-p", PIPE, "--verify-each",
