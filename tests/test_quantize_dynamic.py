@@ -311,3 +311,95 @@ def test_bad_options(pipeline, match):
     with pytest.raises(UsageError, match=match) as info:
         apply(mlp(), pipeline)
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------
+# LSTM -> com.microsoft.DynamicQuantizeLSTM
+# ----------------------------------------------------------------------------------
+def lstm_model(direction: str = "bidirectional", layout: int = 0, seq: int = 12, batch: int = 2, inp: int = 24,
+               hidden: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """An LSTM with bias, initial states and all three outputs, then a MatMul head."""
+    rng = np.random.default_rng(seed)
+    d = 2 if direction == "bidirectional" else 1
+    inits = {
+        "W": (0.2 * rng.standard_normal((d, 4 * hidden, inp))).astype(F),
+        "R": (0.2 * rng.standard_normal((d, 4 * hidden, hidden))).astype(F),
+        "B": (0.1 * rng.standard_normal((d, 8 * hidden))).astype(F),
+        "h0": (0.1 * rng.standard_normal((d, batch, hidden))).astype(F),
+        "c0": (0.1 * rng.standard_normal((d, batch, hidden))).astype(F),
+        "head": (0.2 * rng.standard_normal((hidden, 5))).astype(F),
+    }
+    x_shape = [batch, seq, inp] if layout else [seq, batch, inp]
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["Y", "Y_h", "Y_c"], name="lstm",
+                         hidden_size=hidden, direction=direction, layout=layout),
+        helper.make_node("MatMul", ["Y", "head"], ["logits"], name="head"),
+    ]
+    y_shape = [batch, seq, d, 5] if layout else [seq, d, batch, 5]
+    state = [batch, d, hidden] if layout else [d, batch, hidden]
+    return make_model(nodes, [vi("x", x_shape)],
+                      [vi("logits", y_shape), vi("Y_h", state), vi("Y_c", state)], inits)
+
+
+def _lstm_feeds(proto, seed=3):
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(F)}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lstm_becomes_dynamic_quantize_lstm(per_channel, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = lstm_model()
+    _, result, after = apply(proto, "quantize-dynamic{per-channel=%s}" % str(per_channel).lower())
+    onnx.checker.check_model(after)
+    assert result.records[0].stats["lstms"] == 1
+    ops = {n.name: (n.op_type, n.domain) for n in after.graph.node}
+    assert ops["lstm"] == ("DynamicQuantizeLSTM", "com.microsoft")
+    inits = {t.name: t for t in after.graph.initializer}
+    w = next(t for n, t in inits.items() if n.startswith("W_quantized"))
+    scale = next(t for n, t in inits.items() if n.startswith("W_scale"))
+    assert list(w.dims) == [2, 24, 128] and w.data_type == TensorProto.INT8  # [D, input, 4*hidden]
+    assert list(scale.dims) == ([2, 128] if per_channel else [2])
+    feeds = _lstm_feeds(proto)
+    want, got = ort_run(proto, feeds), ort_run(after, feeds)
+    for name in want:  # Y (through the head), Y_h, Y_c all close to float
+        assert cosine(want[name], got[name]) > 0.999, name
+    if not per_channel:  # the same rounding as onnxruntime's own quantize_dynamic
+        src, ref = tmp_path / "f.onnx", tmp_path / "ort.onnx"
+        onnx.save(proto, str(src))
+        quantize_dynamic(str(src), str(ref), weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM"])
+        theirs = ort_run(onnx.load(str(ref)), feeds)
+        _, _, ours = apply(proto, "quantize-dynamic{ops=LSTM}")
+        mine = ort_run(ours, feeds)
+        for name in theirs:
+            np.testing.assert_array_equal(mine[name], theirs[name])
+
+
+def test_lstm_left_float_when_it_cannot_be_quantized():
+    proto = lstm_model(direction="forward", layout=1)
+    _, result, after = apply(proto, "quantize-dynamic")
+    assert "LSTM" in op_types(after) and "DynamicQuantizeLSTM" not in op_types(after)
+    assert any("layout=1" in n for n in result.records[0].notes)
+    _, result, after = apply(lstm_model(), "quantize-dynamic{format=onnx}")
+    assert "LSTM" in op_types(after)
+    assert any("format=onnx has no quantized LSTM" in n for n in result.records[0].notes)
+
+
+def test_lstm_under_a_budget_it_would_miss_stays_float():
+    proto = lstm_model()
+    data = PassContext(calibration=open_random(proto), quiet=True)
+    _, result, after = apply(proto, 'quantize-dynamic{fidelity="max-abs<=1e-7",ops=LSTM}', data)
+    rec = result.records[0]
+    assert "LSTM" in op_types(after) and rec.stats["lstms"] == 0
+    assert rec.stats["lstm_heldout"]["max-abs"] > 1e-7
+    assert any("kept in float" in n and "misses" in n for n in rec.notes)
+    data = PassContext(calibration=open_random(proto), quiet=True)
+    _, result, after = apply(proto, 'quantize-dynamic{fidelity="cosine>=0.99",ops=LSTM}', data)
+    assert "DynamicQuantizeLSTM" in op_types(after) and result.records[0].stats["lstms"] == 1
+
+
+def open_random(proto, n=16):
+    from graphopt.calibration import open_reader
+
+    return open_reader(f"random:{n}", proto, seed=5, quiet=True)

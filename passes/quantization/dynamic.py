@@ -43,7 +43,7 @@ from passes.shapes import annotate_shapes
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_OPS = ("MatMul", "Gemm")
-DYNAMIC_OPS = SUPPORTED_OPS + ("Gather",)
+DYNAMIC_OPS = SUPPORTED_OPS + ("Gather", "LSTM")
 SCRATCH_KEY = "quantize-dynamic"
 
 
@@ -131,8 +131,8 @@ def find_sites(model: Model, selection: Selection, notes: list[str]) -> list[Sit
     overridable = overridable_names(model)
     sites: list[Site] = []
     for node in model.graph.nodes:
-        if node.op == "Gather" or not selection.allows(node):
-            continue  # embedding tables: quantize_gathers
+        if node.op in ("Gather", "LSTM") or not selection.allows(node):
+            continue  # embedding tables: quantize_gathers; recurrences: recurrent.py
         label = f"{node.op} '{node.name or node.outputs[0].name}'"
         if len(node.inputs) < 2 or len(node.outputs) != 1:
             continue
@@ -449,7 +449,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
     weight_type = Option(str, "int8", "weight type: int8 (symmetric) or uint8 (asymmetric)", choices=("int8", "uint8"))
     reduce_range = Option(bool, False, "7-bit weights, for CPUs without VNNI whose u8s8 kernels saturate")
     ops = Option(list, list(DYNAMIC_OPS), "op types to quantize (MatMul, Gemm; Gather: int8 embedding tables, "
-                 "dequantized after the lookup)")
+                 "dequantized after the lookup; LSTM: onnxruntime's DynamicQuantizeLSTM)")
     exclude_nodes = Option(list, [], "node names left in float")
     exclude_ops = Option(list, [], "op types left in float")
     exclude_regex = Option(str, "", "nodes whose name matches this regular expression are left in float")
@@ -485,24 +485,28 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         alpha = self.smooth_alpha if self.smooth else None
         unfolded = self.smooth_unfolded
         data, budget, stats = ctx.calibration, None, {}
-        if spec is not None and sites:
+        lstms = "LSTM" in selection.ops and any(n.op == "LSTM" for n in model.graph.nodes)
+        if spec is not None and (sites or lstms):
             _name_sites(model, sites)
             # Samples split once; references come from the float model, before any smoothing is folded in.
             budget = sens.BudgetData.prepare(model, ctx, self)
             data = budget.calib
-            if self.recipe == "auto" and "smoothing" not in shared:
+            if self.recipe == "auto" and "smoothing" not in shared and sites:
                 recipe, stats["recipe"] = self._choose_recipe(model, ctx, spec, selection, config, keep, budget)
                 config.per_channel, alpha, unfolded = recipe.per_channel, recipe.alpha, True
         shared, smooth_stats = smooth_sites(self.name, model, sites, data, shared, notes, alpha=alpha,
                                             unfolded=unfolded, per_channel=config.per_channel)
         fidelity = None
-        if budget is not None:
+        if budget is not None and sites:
             fidelity = self._fit(model, ctx, spec, selection, sites, config, keep, shared.get("smoothing"), budget)
             keep |= fidelity.keep
         counts = quantize_dynamic(model, sites, config, keep_float=keep, smoothing=shared.get("smoothing"))
         if counts["quantized"] or not sites:  # lookups go with the matmuls (a budget that keeps all float: none)
             counts["gathers"] = quantize_gathers(model, selection, notes)
             counts["quantized"] += counts["gathers"]
+        if lstms:
+            counts["lstms"] = self._quantize_lstms(model, selection, spec, budget, notes, stats)
+            counts["quantized"] += counts["lstms"]
         if smooth_stats.get("smoothed_folded"):  # constants replaced by their smoothed copies
             model.graph.cleanup(remove_unused_graph_inputs=False)
         stats.update(counts)
@@ -512,6 +516,31 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         if fidelity is not None:
             fidelity.conclude(model, counts["quantized"] > 0, stats, notes, ctx, self.name)
         return PassResult(changed=counts["quantized"] > 0, stats=stats, notes=notes)
+
+    def _quantize_lstms(self, model: Model, selection: Selection, spec, budget, notes: list[str], stats: dict) -> int:
+        """DynamicQuantizeLSTM for the LSTMs (recurrent.py); under a fidelity
+        budget only if the model with them quantized still meets it on the
+        held-out samples, else they all stay float and the note says why."""
+        from passes.quantization import sensitivity as sens
+        from passes.quantization.recurrent import quantize_lstms
+
+        if self.format == "onnx":
+            notes.append("LSTM: format=onnx has no quantized LSTM; left in float")
+            return 0
+        if budget is None:
+            return quantize_lstms(model, selection.allows, per_channel=self.per_channel, notes=notes)
+        trial = model.copy()
+        n = quantize_lstms(trial, selection.allows, per_channel=self.per_channel, notes=notes)
+        if not n:
+            return 0
+        report = sens.measure_model(spec, trial.to_proto(), trial.source_dir, budget.held, budget.held_refs)
+        stats["lstm_heldout"] = {"samples": report.samples, **{m: sens.number(v) for m, v in report.values.items()}}
+        if not report.met:
+            notes.append(f"LSTM: {n} kept in float: quantized, the held-out samples measure "
+                         f"{report.line(list(spec.metrics))}, which misses {spec}")
+            return 0
+        model.graph, model.info = trial.graph, trial.info
+        return n
 
     def _choose_recipe(self, model: Model, ctx: PassContext, spec, selection: Selection, config: DynamicConfig,
                        keep: set[str], budget) -> tuple["Recipe", dict]:

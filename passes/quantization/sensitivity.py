@@ -304,6 +304,17 @@ def number(v: float) -> float | str:
 # ----------------------------------------------------------------------------------
 # The whole search, for a pass
 # ----------------------------------------------------------------------------------
+def measure_model(spec: FidelitySpec, proto: onnx.ModelProto, source_dir: Path | None,
+            samples: Sequence[Feeds], refs: Sequence[Outputs]) -> FidelityReport:
+    """``spec``'s metrics of a model against the float model's outputs ``refs``."""
+    sess = runtime.session(proto, source_dir=source_dir)
+    names = list(refs[0]) if refs else None
+    acc = MetricAccumulator()
+    for cand, ref in zip(run_all(sess, samples, names), refs):
+        acc.add(cand, ref)
+    return FidelityReport.of(spec, acc.values(), len(samples))
+
+
 @dataclasses.dataclass
 class SearchOutcome:
     keep: frozenset[str]
@@ -318,12 +329,7 @@ class SearchOutcome:
         and record it as the final fidelity (``heldout``) in the stats."""
         if self.spec is None or not self.held_samples:
             return None
-        sess = runtime.session(proto, source_dir=source_dir)
-        names = list(self.held_refs[0]) if self.held_refs else None
-        acc = MetricAccumulator()
-        for cand, ref in zip(run_all(sess, self.held_samples, names), self.held_refs):
-            acc.add(cand, ref)
-        report = FidelityReport.of(self.spec, acc.values(), len(self.held_samples))
+        report = measure_model(self.spec, proto, source_dir, self.held_samples, self.held_refs)
         metrics = [m for m in self.stats.get("heldout", {}) if m != "samples"] or list(report.values)
         self.stats["heldout"] = {"samples": report.samples, **{m: number(report.values[m]) for m in metrics}}
         self.stats["met"] = report.met
