@@ -25,6 +25,13 @@ densenet121); the table names the groups left alone where they do not.
 least-squares reconstruction on calibration lines of another seed.
 
     python benchmarks/prune_models.py --ocr-accuracy [--ratios 0.1,0.3] [--criteria l1,activation]
+
+``--allocate uniform,sensitivity`` adds rows with per-group ratios chosen from
+each group's measured output error (``prune-channels{allocate=sensitivity}``;
+with calibration data only); ``--recovery reconstruct`` skips the no-data rows;
+``--ridge``, ``--refit`` and ``--sensitivity-ratios`` pass through to the pass.
+``--ocr-model det``: PP-OCRv4 det instead, box F1 on ``--eval-lines`` rendered
+pages and box agreement with the unpruned model (reconstruction only).
 """
 from __future__ import annotations
 
@@ -140,7 +147,9 @@ def print_table(rows: list[dict]) -> None:
             print(f"* {r['model']}: {text}")
 
 
-def ocr_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[str]) -> list[dict]:
+def ocr_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[str],
+                 allocations: tuple[str, ...] = ("uniform",), recoveries: tuple[str, ...] = ("no data", "reconstruct"),
+                 extra: str = "") -> list[dict]:
     """PP-OCRv4 rec task metrics (``ocr_eval``: rendered lines of the evaluation
     seed) after ``prune-channels`` at each ratio, without data (l1, bias folding
     of constant channels only) and with ``n_calib`` calibration lines of another
@@ -148,7 +157,6 @@ def ocr_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[
     import tempfile
 
     import ocr_eval
-    from graphopt.calibration import open_reader
 
     path = bench_models.ppocr_models()["ppocr_rec"]
     data = ocr_eval.make_rec_dataset(n_eval)
@@ -162,42 +170,110 @@ def ocr_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[
                      "char_accuracy": ref["char_accuracy"], "macs": summarize(Model.from_proto(base),
                      bench_models.PINNED_SHAPES["ppocr_rec"])["macs"]})
         calib_path = ocr_eval.save_calibration("rec", Path(tmp) / "calib.npz", n=n_calib, model=base_path)
-        for ratio in ratios:
-            for criterion in criteria:
-                for variant in ("no data", "reconstruct"):
-                    model = Model.from_proto(onnx.ModelProto.FromString(base.SerializeToString()))
-                    ctx = PassContext(quiet=True)
-                    if variant == "reconstruct":
-                        ctx.calibration = open_reader(str(calib_path), model, quiet=True)
-                    elif criterion == "activation":
-                        continue
-                    t = time.perf_counter()
-                    result = graphopt.optimize(
-                        model, f"prune-channels{{ratio={ratio},criterion={criterion},calib-samples={n_calib}}}",
-                        context=ctx)
-                    seconds = time.perf_counter() - t
-                    out = Path(tmp) / f"pruned_{ratio}_{criterion}_{variant[0]}.onnx"
-                    onnx.save(model.to_proto(), out)
-                    res = ocr_eval.evaluate_rec(out, data)
-                    stats = result.records[-1].stats
-                    rows.append({"ratio": ratio, "variant": variant, "criterion": criterion,
-                                 "exact_match": res["exact_match"], "char_accuracy": res["char_accuracy"],
-                                 "channels": [stats["channels_before"], stats["channels_after"]],
-                                 "macs": summarize(model, bench_models.PINNED_SHAPES["ppocr_rec"])["macs"],
-                                 "seconds": seconds})
-                    print(f"  rec ratio {ratio} {criterion} {variant}: {res['exact_match']:.3f} "
-                          f"({seconds:.0f}s)", file=sys.stderr, flush=True)
+        runs = [(r, c, v, a) for r in ratios for c in criteria for v in recoveries for a in allocations
+                if v == "reconstruct" or (c != "activation" and a == "uniform")]
+        for ratio, criterion, variant, alloc in runs:
+            options = f"ratio={ratio},criterion={criterion},calib-samples={n_calib},allocate={alloc}{extra}"
+            model, stats, seconds, out = _prune(base, calib_path if variant == "reconstruct" else None, options,
+                                                Path(tmp) / f"pruned_{ratio}_{criterion}_{variant[0]}_{alloc}.onnx")
+            res = ocr_eval.evaluate_rec(out, data)
+            rows.append({"ratio": ratio, "variant": variant, "criterion": criterion, "allocation": alloc,
+                         "exact_match": res["exact_match"], "char_accuracy": res["char_accuracy"],
+                         "channels": [stats["channels_before"], stats["channels_after"]],
+                         "per_group": stats.get("allocation"),
+                         "macs": summarize(model, bench_models.PINNED_SHAPES["ppocr_rec"])["macs"],
+                         "seconds": seconds})
+            print(f"  rec ratio {ratio} {criterion} {variant} {alloc}: {res['exact_match']:.3f} "
+                  f"({seconds:.0f}s)", file=sys.stderr, flush=True)
     return rows
 
 
-def print_ocr(rows: list[dict]) -> None:
-    print("| ratio | criterion | recovery | channels (prunable) | MACs | exact match | char accuracy |")
+def _prune(base: onnx.ModelProto, calib_path: Path | None, options: str, out: Path):
+    """``prune-channels{options}`` on a copy of ``base`` (with the calibration
+    file when given), saved to ``out``: (model, pass stats, seconds, out)."""
+    from graphopt.calibration import open_reader
+
+    model = Model.from_proto(onnx.ModelProto.FromString(base.SerializeToString()))
+    ctx = PassContext(quiet=True)
+    if calib_path is not None:
+        ctx.calibration = open_reader(str(calib_path), model, quiet=True)
+    t = time.perf_counter()
+    result = graphopt.optimize(model, f"prune-channels{{{options}}}", context=ctx)
+    seconds = time.perf_counter() - t
+    onnx.save(model.to_proto(), out)
+    return model, result.records[-1].stats, seconds, out
+
+
+def det_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[str],
+                 allocations: tuple[str, ...] = ("uniform",), extra: str = "") -> list[dict]:
+    """PP-OCRv4 det task metrics (``ocr_eval``: F1 of the boxes against the
+    rendered pages' line boxes, and box agreement with the unpruned model)
+    after ``prune-channels`` with reconstruction on ``n_calib`` calibration
+    pages of another seed."""
+    import tempfile
+
+    import ocr_eval
+
+    path = bench_models.ppocr_models()["ppocr_det"]
+    data = ocr_eval.make_det_dataset(n_eval)
+    shapes = bench_models.PINNED_SHAPES["ppocr_det"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="graphopt-prune-det-") as tmp:
+        base = baseline("ppocr_det", path)
+        base_path = Path(tmp) / "base.onnx"
+        onnx.save(base, base_path)
+        ref = ocr_eval.evaluate_det(base_path, data)
+        rows.append({"ratio": 0.0, "variant": "original", "f1": ref["f1"], "agreement_f1": 1.0,
+                     "macs": summarize(Model.from_proto(base), shapes)["macs"]})
+        calib_path = ocr_eval.save_calibration("det", Path(tmp) / "calib.npz", n=n_calib, model=base_path)
+        for ratio in ratios:
+            for criterion in criteria:
+                for alloc in allocations:
+                    options = f"ratio={ratio},criterion={criterion},calib-samples={n_calib},allocate={alloc}{extra}"
+                    model, stats, seconds, out = _prune(base, calib_path, options,
+                                                        Path(tmp) / f"pruned_{ratio}_{criterion}_{alloc}.onnx")
+                    res = ocr_eval.evaluate_det(out, data)
+                    agree = ocr_eval.det_agreement(ref["predictions"], res["predictions"])
+                    rows.append({"ratio": ratio, "variant": "reconstruct", "criterion": criterion, "allocation": alloc,
+                                 "f1": res["f1"], "agreement_f1": agree["agreement_f1"],
+                                 "channels": [stats["channels_before"], stats["channels_after"]],
+                                 "per_group": stats.get("allocation"),
+                                 "macs": summarize(model, shapes)["macs"], "seconds": seconds})
+                    print(f"  det ratio {ratio} {criterion} {alloc}: F1 {res['f1']:.3f} ({seconds:.0f}s)",
+                          file=sys.stderr, flush=True)
+    return rows
+
+
+def _row_head(r: dict, macs0: float, recovery: bool = False) -> str:
+    """ratio | allocation | criterion [| recovery] | channels removed | MACs"""
+    ch = "-"
+    if "channels" in r:
+        before, after = r["channels"]
+        ch = f"{before - after} / {before} ({(before - after) / before:.3f})"
+    cells = [f"{r['ratio']:g}", r.get("allocation", "-"), r.get("criterion", "-")]
+    if recovery:
+        cells.append(r["variant"])
+    cells += [ch, f"{r['macs'] / 1e6:.0f}M ({_pct(macs0, r['macs'])})"]
+    return "| " + " | ".join(cells)
+
+
+def print_det(rows: list[dict]) -> None:
+    print("| ratio | allocation | criterion | channels removed (of prunable) | MACs | F1 | box agreement F1 |")
     print("|---|---|---|---|---|---|---|")
-    macs0 = rows[0]["macs"]
     for r in rows:
-        ch = f"{r['channels'][0]} -> {r['channels'][1]}" if "channels" in r else "-"
-        print(f"| {r['ratio']:g} | {r.get('criterion', '-')} | {r['variant']} | {ch} | "
-              f"{r['macs'] / 1e6:.0f}M ({_pct(macs0, r['macs'])}) | {r['exact_match']:.3f} | {r['char_accuracy']:.4f} |")
+        print(f"{_row_head(r, rows[0]['macs'])} | {r['f1']:.3f} | {r['agreement_f1']:.3f} |")
+
+
+def print_ocr(rows: list[dict]) -> None:
+    print("| ratio | allocation | criterion | recovery | channels removed (of prunable) | MACs | exact match "
+          "| char accuracy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"{_row_head(r, rows[0]['macs'], recovery=True)} | {r['exact_match']:.3f} | {r['char_accuracy']:.4f} |")
+    for r in rows:
+        if r.get("per_group"):
+            text = ", ".join(f"{k.split()[0]} {v:g}" for k, v in r["per_group"].items())
+            print(f"\nratio {r['ratio']:g}, {r['criterion']}, sensitivity: per-group ratios {text}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,10 +288,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--criteria", default="l1")
     ap.add_argument("--eval-lines", type=int, default=200)
     ap.add_argument("--calib-lines", type=int, default=64)
+    ap.add_argument("--allocate", default="uniform", help="--ocr-accuracy: uniform,sensitivity (comma-separated)")
+    ap.add_argument("--recovery", default="no data,reconstruct",
+                    help="--ocr-accuracy: 'no data', 'reconstruct' or both (comma-separated)")
+    ap.add_argument("--ridge", type=float, help="--ocr-accuracy: the pass's ridge option")
+    ap.add_argument("--refit", choices=("consumers", "downstream"), help="--ocr-accuracy: the pass's refit option")
+    ap.add_argument("--sensitivity-ratios", help="--ocr-accuracy: the pass's sensitivity-ratios, e.g. 0.25;0.5")
+    ap.add_argument("--ocr-model", choices=("rec", "det"), default="rec",
+                    help="--ocr-accuracy: det reports box F1 and agreement on --eval-lines pages instead")
     args = ap.parse_args(argv)
     if args.ocr_accuracy:
+        extra = "" if args.ridge is None else f",ridge={args.ridge}"
+        extra += "" if args.refit is None else f",refit={args.refit}"
+        if args.sensitivity_ratios:
+            extra += f',sensitivity-ratios="{args.sensitivity_ratios}"'
+        if args.ocr_model == "det":
+            rows = det_accuracy([float(r) for r in args.ratios.split(",")], args.eval_lines, args.calib_lines,
+                                args.criteria.split(","), tuple(args.allocate.split(",")), extra)
+            print_det(rows)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+            return 0
         rows = ocr_accuracy([float(r) for r in args.ratios.split(",")], args.eval_lines, args.calib_lines,
-                            args.criteria.split(","))
+                            args.criteria.split(","), tuple(args.allocate.split(",")),
+                            tuple(v.strip() for v in args.recovery.split(",")), extra)
         print_ocr(rows)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -5,7 +5,10 @@ channel dimensions that must lose the same channels; this pass scores the
 channels of each prunable group (:mod:`passes.pruning.importance`), keeps the
 most important ones, removes the rest from every coupled tensor, and recovers
 what it can without training (:mod:`passes.pruning.recovery`).  Groups the
-analysis cannot prove safe are left whole and named in the notes.
+analysis cannot prove safe are left whole and named in the notes.  With
+``allocate=sensitivity`` the fraction removed per group comes from each
+group's measured output error (:mod:`passes.pruning.allocation`) instead of
+one ratio for all.
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import as_constant
-from passes.pruning import recovery
+from passes.folding import topological_order
+from passes.pruning import allocation, recovery
 from passes.pruning.groups import ChannelAnalysis, analyze, protect
-from passes.pruning.importance import activation_importance, weight_importance
+from passes.pruning.importance import activation_importance, reconstruction_importance, weight_importance
 
-CRITERIA = ("l1", "l2", "bn-gamma", "activation")
+CRITERIA = ("l1", "l2", "bn-gamma", "activation", "reconstruction")
 
 
 def kept_count(size: int, remove: int, min_channels: int, round_to: int) -> int:
@@ -87,10 +91,26 @@ class PruneChannels(Pass):
     protect = Option(list, [], "node names or regexes whose groups stay whole")
     reconstruct = Option(bool, True, "least-squares refit of the next layers on calibration data (if given)")
     calib_samples = Option(int, 32, "calibration samples used for activations and reconstruction", min=1)
+    refit = Option(str, "consumers", "reconstruction: refit the layers that lost input channels (consumers) or "
+                   "also every later Conv/Gemm/MatMul whose input changed (downstream)",
+                   choices=("consumers", "downstream"))
+    fit_rows = Option(int, recovery.MAX_ROWS, "reconstruction: most rows (sampled positions) of each "
+                      "least-squares fit", min=16)
+    ridge = Option(float, 1e-4, "reconstruction: ridge strength, relative to the mean input energy", min=0.0)
+    allocate = Option(str, "uniform", "per-group ratios: uniform (ratio and scope) or sensitivity (measured on "
+                      "calibration data: insensitive groups lose more; the total stays ratio of all channels)",
+                      choices=("uniform", "sensitivity"))
+    sensitivity_ratios = Option(list, [], "allocate=sensitivity: ratios each group is measured at, pruned alone "
+                                "(';'-separated; the largest caps a group); empty: ratio/2, ratio, 3*ratio/2")
+    sensitivity_samples = Option(int, 16, "allocate=sensitivity: calibration samples each trial is recovered on, "
+                                 "and as many following ones it is scored on", min=1)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if self.criterion == "activation" and ctx.calibration is None:
-            raise UsageError("prune-channels: criterion=activation needs calibration data (--calib)")
+        if self.criterion in ("activation", "reconstruction") and ctx.calibration is None:
+            raise UsageError(f"prune-channels: criterion={self.criterion} needs calibration data (--calib)")
+        if self.allocate == "sensitivity" and ctx.calibration is None:
+            raise UsageError("prune-channels: allocate=sensitivity needs calibration data (--calib)")
+        grid = self._grid()
         analysis = analyze(model)
         if self.protect:
             protect(analysis, self.protect)
@@ -105,16 +125,22 @@ class PruneChannels(Pass):
             return PassResult(False, stats, notes)
         if self.criterion == "activation":
             scores = activation_importance(analysis, prunable, ctx.calibration, self.calib_samples)
+        elif self.criterion == "reconstruction":
+            scores = reconstruction_importance(analysis, prunable, ctx.calibration, self.calib_samples, self.ridge)
         else:
             scores = weight_importance(analysis, prunable, self.criterion)
-        keep = select(scores, self.ratio, self.scope, self.min_channels, self.round_to)
+        if self.allocate == "sensitivity":
+            keep = self._allocate(model, analysis, scores, ctx, grid, stats, notes)
+        else:
+            keep = select(scores, self.ratio, self.scope, self.min_channels, self.round_to)
         keep = {g: k for g, k in keep.items() if len(k) < analysis.spaces[g].size}
         if not keep:
             stats.update(groups_pruned=0, channels_after=stats["channels_before"])
             return PassResult(False, stats, notes)
         original = model.to_proto() if ctx.calibration is not None and self.reconstruct else None
         result = prune(model, analysis, keep, ctx, reconstruct=self.reconstruct, original=original,
-                       max_samples=self.calib_samples)
+                       max_samples=self.calib_samples, lam=self.ridge, downstream=self.refit == "downstream",
+                       max_rows=self.fit_rows)
         stats.update(result)
         stats["channels_after"] = stats["channels_before"] - sum(
             analysis.spaces[g].size - len(k) for g, k in keep.items())
@@ -122,6 +148,74 @@ class PruneChannels(Pass):
                               for g, k in keep.items()}
         notes += stats.pop("notes", [])
         return PassResult(True, stats, notes)
+
+    def _grid(self) -> list[float]:
+        if not self.sensitivity_ratios:
+            return sorted({min(round(f * self.ratio, 6), 0.95) for f in (0.5, 1.0, 1.5)} - {0.0})
+        try:
+            grid = sorted({float(r) for r in self.sensitivity_ratios})
+        except ValueError:
+            raise UsageError(f"prune-channels: option 'sensitivity-ratios': not a list of numbers: "
+                             f"{';'.join(self.sensitivity_ratios)!r}") from None
+        if not grid or not all(0 < r < 1 for r in grid):
+            raise UsageError("prune-channels: option 'sensitivity-ratios': each ratio must lie in (0, 1)")
+        return grid
+
+    def _allocate(self, model: Model, analysis: ChannelAnalysis, scores: dict[int, np.ndarray],
+                  ctx: PassContext, grid: list[float], stats: dict, notes: list[str]) -> dict[int, np.ndarray]:
+        """Kept channels per group from measured sensitivities: each group pruned
+        alone at each ratio of ``grid`` (with this pass's recovery), then the
+        budget spent where the output error per channel is least."""
+        proto = model.to_proto()
+        source_dir = model.source_dir
+        sizes = {g: analysis.spaces[g].size for g in scores}
+        roots = {g: list(analysis.spaces[g].roots) for g in scores}
+        order = {g: np.argsort(-s, kind="stable") for g, s in scores.items()}
+        floor = max(self.min_channels, 1)
+        removals = {}
+        for g, size in sizes.items():
+            counts = {size - kept_count(size, n, self.min_channels, self.round_to)
+                      for n in allocation.removal_grid(size, grid, floor)}
+            removals[g] = sorted(n for n in counts if n > 0)
+        samples = self.sensitivity_samples
+        reference = allocation.Reference(proto, ctx.calibration, samples, source_dir, skip=samples)
+        if not reference.held_out:
+            notes.append(f"allocate=sensitivity: no calibration samples beyond the {samples} that trials are "
+                         "recovered on; trials were scored on those same samples")
+        failed: list[str] = []
+
+        def trial(g: int, n: int) -> float:
+            m = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()), source_dir=source_dir)
+            a = analyze(m)
+            if a.find(g) != g or a.spaces[g].size != sizes[g] or list(a.spaces[g].roots) != roots[g]:
+                failed.append(f"#{g}")
+                return math.inf
+            keep = {g: np.sort(order[g][: sizes[g] - n])}
+            try:
+                prune(m, a, keep, ctx, reconstruct=self.reconstruct, original=proto if self.reconstruct else None,
+                      max_samples=samples, lam=self.ridge, downstream=self.refit == "downstream",
+                      max_rows=self.fit_rows)
+                return reference.error(m.to_proto(), source_dir)
+            except Exception as exc:  # a trial model onnxruntime rejects: not pruned that far
+                failed.append(f"#{g} ({type(exc).__name__})")
+                return math.inf
+
+        curves = allocation.measure(trial, removals, quiet=getattr(ctx, "quiet", True))
+        budget = int(math.ceil(self.ratio * sum(sizes.values()) - 1e-9))  # at least ratio of the channels
+        removed, predicted = allocation.allocate(curves, budget)
+        if sum(removed.values()) < budget:
+            notes.append(f"allocate=sensitivity: the measured ratios reach {sum(removed.values())} of the "
+                         f"{budget} channels asked for (largest ratio {grid[-1]:g} per group)")
+        if failed:
+            notes.append(f"allocate=sensitivity: trials failed for groups {', '.join(sorted(set(failed)))}; "
+                         "each is pruned at most up to its last ratio that worked")
+        keep = {g: np.sort(order[g][: kept_count(sizes[g], removed[g], self.min_channels, self.round_to)])
+                for g in scores}
+        stats["allocation"] = {f"#{g} {'+'.join(roots[g][:2])}": round(1 - len(keep[g]) / sizes[g], 3)
+                               for g in sorted(sizes)}
+        stats["sensitivity"] = {f"#{g}": [[n, round(e, 6)] for n, e in curves[g]] for g in sorted(curves)}
+        stats["predicted_error"] = round(predicted, 6)
+        return keep
 
 
 def _consumer_plan(analysis: ChannelAnalysis, keep: dict[int, np.ndarray]):
@@ -146,9 +240,11 @@ def _consumer_plan(analysis: ChannelAnalysis, keep: dict[int, np.ndarray]):
 
 
 def prune(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], ctx: PassContext | None = None,
-          *, reconstruct: bool = True, original: onnx.ModelProto | None = None, max_samples: int = 32) -> dict:
+          *, reconstruct: bool = True, original: onnx.ModelProto | None = None, max_samples: int = 32,
+          lam: float = 1e-4, downstream: bool = False, max_rows: int = recovery.MAX_ROWS) -> dict:
     """Remove channels (``keep``: group id -> kept indices) and recover: least
-    squares with calibration data and ``reconstruct``; otherwise mean folding
+    squares with calibration data and ``reconstruct`` (with ``downstream``, also
+    every later layer whose input the pruning changed); otherwise mean folding
     (calibration means, or exact constants without calibration) and BN
     re-estimation with calibration data.  Returns stats (with ``notes``)."""
     calibration = getattr(ctx, "calibration", None) if ctx is not None else None
@@ -162,13 +258,18 @@ def prune(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], 
             means = _channel_means(analysis.model, names, plan, calibration, max_samples)
         else:
             constant = _bias_only_values(analysis, keep, names, plan, ctx)
+    later = _downstream_layers(analysis, keep, plan) if calibration is not None and reconstruct and downstream \
+        else []
     edited = analysis.apply(keep)
     stats["edits"] = edited
     if calibration is not None and reconstruct:
         nodes = [(n, None if kept_out is None else kept_out[0])
                  for n, _, _, _, kept_out, _ in plan if n.op in ("Conv", "Gemm", "MatMul")]
-        done, notes = recovery.reconstruct(original, model, nodes, calibration, max_samples=max_samples,
-                                           seed=getattr(ctx, "seed", 0))
+        if later:
+            order = {id(n): i for i, n in enumerate(topological_order(model.graph))}
+            nodes = sorted(nodes + later, key=lambda item: order.get(id(item[0]), len(order)))
+        done, notes = recovery.reconstruct(original, model, nodes, calibration, lam=lam, max_samples=max_samples,
+                                           seed=getattr(ctx, "seed", 0), max_rows=max_rows)
         stats["reconstructed"] = done
         stats["notes"] += notes
     else:
@@ -198,6 +299,40 @@ def prune(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], 
             stats["bn_reestimated"] = recovery.recalibrate_bn(model, bns, calibration, max_samples)
     _refresh_shapes(model)
     return stats
+
+
+def _downstream_layers(analysis: ChannelAnalysis, keep: dict[int, np.ndarray], plan) -> list:
+    """Conv (group 1) / Gemm / MatMul layers with a constant weight that read,
+    directly or not, a tensor the pruning changes but lose no input channel
+    themselves: (node, kept output indices or None), before ``apply``."""
+    touched = [n for n, *_ in plan]
+    out_index = {}
+    for e in analysis.sources:
+        kept = analysis.indices(e.segs, keep)
+        if len(kept) < sum(s.length for s in e.segs):
+            touched.append(e.node)
+        if e.role == "out-weight":
+            out_index[id(e.node)] = (kept, len(kept) < sum(s.length for s in e.segs))
+    in_plan = {id(n) for n, *_ in plan}
+    seen: set[int] = set()
+    stack = [t for n in touched for t in n.outputs]
+    found = []
+    while stack:
+        t = stack.pop()
+        for user in t.outputs:
+            if id(user) in seen:
+                continue
+            seen.add(id(user))
+            stack.extend(user.outputs)
+            if id(user) in in_plan or user.op not in ("Conv", "Gemm", "MatMul") or len(user.inputs) < 2:
+                continue
+            if as_constant(user.inputs[1], analysis._overridable) is None:
+                continue
+            if user.op == "Conv" and int(user.attrs.get("group", 1)) != 1:
+                continue
+            kept, sliced = out_index.get(id(user), (None, False))
+            found.append((user, kept if sliced else None))
+    return found
 
 
 def _bias_only_values(analysis: ChannelAnalysis, keep: dict[int, np.ndarray], names, plan, ctx):

@@ -64,7 +64,7 @@ def _stack(model, names, calibration, max_samples, source_dir=None) -> dict[str,
 
 
 def im2col(x: np.ndarray, node: gs.Node, kernel: Sequence[int], positions: np.ndarray | None = None,
-           rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+           rng: np.random.Generator | None = None, max_rows: int = MAX_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Rows of a 2-D convolution's input patches ([rows, C*kh*kw]) at (sampled)
     output positions, and the positions (n, oy, ox) they belong to."""
     n, c, h, w = x.shape
@@ -89,8 +89,8 @@ def im2col(x: np.ndarray, node: gs.Node, kernel: Sequence[int], positions: np.nd
     ow = (w + pads[1] + pads[3] - (kw - 1) * dx - 1) // sx + 1
     if positions is None:
         total = n * oh * ow
-        flat = np.arange(total) if total <= MAX_ROWS else np.sort(
-            (rng or np.random.default_rng(0)).choice(total, MAX_ROWS, replace=False))
+        flat = np.arange(total) if total <= max_rows else np.sort(
+            (rng or np.random.default_rng(0)).choice(total, max_rows, replace=False))
         positions = np.stack(np.unravel_index(flat, (n, oh, ow)), axis=1)
     b, oy, ox = positions[:, 0], positions[:, 1], positions[:, 2]
     ky = (oy[:, None] * sy + np.arange(kh)[None, :] * dy)  # [rows, kh]
@@ -130,7 +130,7 @@ def _bias_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray, 
 
 def reconstruct(original: onnx.ModelProto, model: Model, nodes: Sequence[tuple[gs.Node, np.ndarray | None]],
                 calibration: Any, lam: float = 1e-4, max_samples: int = 32,
-                seed: int = 0) -> tuple[int, list[str]]:
+                seed: int = 0, max_rows: int = MAX_ROWS) -> tuple[int, list[str]]:
     """Least-squares refit of ``nodes`` (Conv group=1 2-D, Gemm, MatMul with a
     constant 2-D weight), each with its kept output channels (None: all), in
     graph order.  Returns (refitted, notes)."""
@@ -157,7 +157,7 @@ def reconstruct(original: onnx.ModelProto, model: Model, nodes: Sequence[tuple[g
             if w.ndim != 4 or int(node.attrs.get("group", 1)) != 1:
                 notes.append(f"Conv '{node.name}' not refitted: only 2-D convolutions with group=1")
                 continue
-            a, pos = im2col(x, node, w.shape[2:], rng=rng)
+            a, pos = im2col(x, node, w.shape[2:], rng=rng, max_rows=max_rows)
             t = target[pos[:, 0], :, pos[:, 1], pos[:, 2]]
             if t.shape[1] != w.shape[0]:
                 continue
@@ -184,8 +184,8 @@ def reconstruct(original: onnx.ModelProto, model: Model, nodes: Sequence[tuple[g
         elif node.op == "MatMul":
             a = x.reshape(-1, x.shape[-1])
             t = target.reshape(-1, target.shape[-1])
-            if a.shape[0] > MAX_ROWS:
-                rows = np.sort(rng.choice(a.shape[0], MAX_ROWS, replace=False))
+            if a.shape[0] > max_rows:
+                rows = np.sort(rng.choice(a.shape[0], max_rows, replace=False))
                 a, t = a[rows], t[rows]
             sol, _ = ridge(a, t, lam, bias=False)
             replace_constant_input(model.graph, node, 1, sol.astype(w.dtype), taken)
