@@ -52,6 +52,22 @@ def take_along(values: np.ndarray, indices: Sequence[int] | np.ndarray, axis: in
     return np.ascontiguousarray(np.take(np.asarray(values), np.asarray(indices, dtype=np.int64), axis=axis))
 
 
+def flush_subnormals(values: np.ndarray) -> np.ndarray:
+    """Subnormal floats set to zero.  Least-squares refits computed in float64
+    leave values below float32's smallest normal; x86 multiplies them in
+    microcode, and one such weight tensor made a refitted 1x1 convolution of
+    PP-OCRv4 rec 40x slower in onnxruntime (29 ms instead of 0.7)."""
+    if values.dtype.kind != "f" or not values.size:
+        return values
+    tiny = np.finfo(values.dtype).tiny
+    small = (values != 0) & (np.abs(values) < tiny)
+    if not small.any():
+        return values
+    out = values.copy()
+    out[small] = 0
+    return out
+
+
 def replace_constant_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray,
                            taken: set[str] | None = None) -> gs.Constant:
     """Give ``node`` new constant values at input ``index``.
@@ -62,7 +78,7 @@ def replace_constant_input(graph: gs.Graph, node: gs.Node, index: int, values: n
     Constant node is replaced by a fresh constant for this reader only.
     """
     old = node.inputs[index]
-    values = np.ascontiguousarray(values)
+    values = flush_subnormals(np.ascontiguousarray(values))
     if isinstance(old, gs.Constant) and len(old.outputs) == 1 and not is_graph_output(graph, old):
         old.values = values
         return old
@@ -1121,4 +1137,4 @@ def group_dict(g: ChannelGroup) -> dict[str, Any]:
 
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "Edit", "Layout", "Seg", "analyze", "channel_groups",
-           "format_groups", "protect", "replace_constant_input", "take_along"]
+           "flush_subnormals", "format_groups", "protect", "replace_constant_input", "take_along"]

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from graphopt import runtime
 from graphopt.ir import Model
 from graphopt.rewrite import as_constant, fresh_name
-from passes.pruning.groups import replace_constant_input
+from passes.pruning.groups import flush_subnormals, replace_constant_input
 
 MAX_ROWS = 8192  # rows of a least-squares problem (sampled positions)
 
@@ -121,7 +121,8 @@ def _bias_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray, 
         return
     while len(node.inputs) < index:
         node.inputs.append(gs.Variable(""))
-    const = gs.Constant(fresh_name(taken, (node.name or node.op) + "_bias"), np.ascontiguousarray(values))
+    const = gs.Constant(fresh_name(taken, (node.name or node.op) + "_bias"),
+                        flush_subnormals(np.ascontiguousarray(values)))
     if len(node.inputs) == index:
         node.inputs.append(const)
     else:
