@@ -72,9 +72,12 @@ class Site:
         if node.inputs[1] is not self.weight:
             self.weight = as_constant(node.inputs[1], overridable)
         if self.bias is not None and len(node.inputs) > 2:
-            c = as_constant(node.inputs[2], overridable)
-            bias = float(node.attrs.get("beta", 1.0)) * np.asarray(c.values, dtype=np.float32).reshape(-1)
-            self.bias = np.ascontiguousarray(np.broadcast_to(bias, (self.n,)), dtype=np.float32)
+            self.set_bias(as_constant(node.inputs[2], overridable))
+
+    def set_bias(self, c: gs.Constant) -> None:
+        """Gemm's ``beta * C`` as the [N] vector the quantized node adds."""
+        bias = float(self.node.attrs.get("beta", 1.0)) * np.asarray(c.values, dtype=np.float32).reshape(-1)
+        self.bias = np.ascontiguousarray(np.broadcast_to(bias, (self.n,)), dtype=np.float32)
 
     def matrix(self) -> np.ndarray:
         """The weight as float32 [K, N] (loads it; only call for weights being quantized)."""
@@ -164,9 +167,7 @@ def find_sites(model: Model, selection: Selection, notes: list[str]) -> list[Sit
             if c is None or not _float32(c.dtype) or shape not in ((), (1,), (site.n,), (1, site.n)):
                 notes.append(f"{label}: bias C is not a constant broadcast over rows; left in float")
                 continue
-            beta = float(node.attrs.get("beta", 1.0))
-            bias = beta * np.asarray(c.values, dtype=np.float32).reshape(-1)
-            site.bias = np.ascontiguousarray(np.broadcast_to(bias, (site.n,)), dtype=np.float32)
+            site.set_bias(c)
         sites.append(site)
     return sites
 

@@ -94,7 +94,9 @@ def channel_stats(model: Model, data: Iterable[Mapping[str, np.ndarray]], axes: 
     return {name: {"absmax": a["absmax"], "mean": a["sum"] / max(a["n"], 1)} for name, a in acc.items()}
 
 
-class _Names:
+class ConstantNames:
+    """Fresh names for new constants (tensor and node names already taken are avoided)."""
+
     def __init__(self, model: Model):
         self.taken = {name for g in iter_graphs(model.graph) for name in g.tensors()}
         for g in iter_graphs(model.graph):
@@ -163,7 +165,7 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
         stats = channel_stats(model, data, {name: -1 for name in groups})
     if groups:
         refine_with_symbolic_inference(model)  # static head dims for folding through attention
-    names = _Names(model)
+    names = ConstantNames(model)
     out: dict[str, Any] = dict(existing)
     counts = {"smoothed": 0, "smoothed_folded": 0, "smoothed_mul": 0}
     quantized = {id(site.node) for site in sites if site.node.name not in keep}
@@ -221,7 +223,7 @@ def apply_smoothing_float(model: Model, sites: Sequence[Any], smoothing: Mapping
     """Multiply ``diag(s)`` into the float weights (and insert ``x * 1/s`` for
     unfolded scales) without quantizing: after :func:`plan_smoothing` the model
     computes the same function.  Used to check the folding; returns the count."""
-    names = _Names(model)
+    names = ConstantNames(model)
     graph = model.graph
     n = 0
     for site in sites:
@@ -291,7 +293,7 @@ def correct_biases(model: Model, weights: Sequence[tuple[gs.Node, int, int | Non
     for node, _, _ in todo:
         axes.setdefault(node.inputs[0].name, 1 if node.op == "Conv" else -1)
     stats = channel_stats(model, data, axes)
-    names = _Names(model)
+    names = ConstantNames(model)
     counts = {"bias_corrected": 0, "bias_created": 0}
     created: list[gs.Node] = []
     for node, w, axis in todo:
@@ -431,7 +433,7 @@ def equalize_conv_pairs(model: Model, rounds: int = 4) -> int:
             values[(id(c2), 1)] = w2 * s.reshape((1, -1) + (1,) * (w2.ndim - 2))
             if len(c1.inputs) > 2 and c1.inputs[2].name:
                 values[(id(c1), 2)] = get(c1, 2) / s
-    names = _Names(model)
+    names = ConstantNames(model)
     for key, (node, c) in originals.items():
         node.inputs[key[1]] = names.const(c.name + "_equalized", values[key].astype(np.float32))
     model.graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model, iter_graphs
-from graphopt.rewrite import as_constant, fresh_name
+from graphopt.ir import Model
+from graphopt.rewrite import as_constant
 from passes.cleanup import STANDARD_DOMAINS, overridable_names
 from passes.quantization.common import quantize_weight
+from passes.quantization.recovery import ConstantNames
 
 MS_DOMAIN = "com.microsoft"
 _LSTM_INPUTS = 8  # X, W, R, B, sequence_lens, initial_h, initial_c, P
@@ -28,7 +29,7 @@ def quantize_lstms(model: Model, allows, *, per_channel: bool, notes: list[str])
     into DynamicQuantizeLSTM; ``allows(node)`` is the pass's selection.
     Returns how many were rewritten; what is skipped gets a note."""
     overridable = overridable_names(model)
-    taken = {name for g in iter_graphs(model.graph) for name in g.tensors()}
+    names = ConstantNames(model)
     done = 0
     for node in model.graph.nodes:
         if node.op != "LSTM" or node.domain not in STANDARD_DOMAINS or not allows(node):
@@ -44,10 +45,7 @@ def quantize_lstms(model: Model, allows, *, per_channel: bool, notes: list[str])
             continue
         wq, ws, wzp = _transposed(w.values, per_channel)
         rq, rs, rzp = _transposed(r.values, per_channel)
-
-        def const(base: str, values: np.ndarray) -> gs.Constant:
-            return gs.Constant(fresh_name(taken, base), np.ascontiguousarray(values))
-
+        const = names.const
         rest = list(node.inputs[3:_LSTM_INPUTS])
         rest += [gs.Variable.empty()] * (_LSTM_INPUTS - 3 - len(rest))
         node.inputs = [node.inputs[0], const(w.name + "_quantized", wq), const(r.name + "_quantized", rq), *rest,
