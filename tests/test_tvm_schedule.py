@@ -1,7 +1,9 @@
 """backends.tvm.schedule: builds run and match onnxruntime; RPC addresses fail in one line."""
 from __future__ import annotations
 
+import json
 import socket
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -130,6 +132,21 @@ def _tunable_conv(seed: int) -> tuple[onnx.ModelProto, np.ndarray]:
     return _conv_model(rng), rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
 
 
+@pytest.mark.parametrize(
+    "costs, trials",
+    [([1.0, 1.0, 1.0], 12), ([100.0, 1.0, 1.0, 1.0], 40), ([5.0, 3.0, 1.0], 2), ([1e9, 1.0], 1000), ([2.0], 7)],
+)
+def test_trial_budget_is_split_by_cost(costs, trials):
+    split = schedule.allot_trials(costs, trials)
+    assert sum(split) == trials
+    if trials >= len(costs):
+        assert min(split) >= 1  # every kernel measured at least once
+    else:
+        assert split == [1 if c >= sorted(costs)[-trials] else 0 for c in costs]
+    by_cost = sorted(range(len(costs)), key=lambda i: costs[i])
+    assert [split[i] for i in by_cost] == sorted(split)  # more work, at least as many trials
+
+
 @pytest.mark.slow
 def test_tuning_fills_database_and_second_build_tunes_nothing(tmp_path, capsys):
     model, x = _tunable_conv(5)
@@ -138,7 +155,9 @@ def test_tuning_fills_database_and_second_build_tunes_nothing(tmp_path, capsys):
     first = capsys.readouterr().err
     assert "tuning" in first and "trials" in first
     records = (db / "database_tuning_record.json").read_text().splitlines()
-    assert records
+    # A failed build or run is recorded too, at 1e10 s: at least one candidate must have really run.
+    run_secs = [float(s) for line in records for s in (json.loads(line)[1][1] or [])]
+    assert run_secs and min(run_secs) < 1.0, run_secs
     ref = _ort(model, x)
     np.testing.assert_allclose(_run(ex, x), ref, rtol=1e-4, atol=1e-5)
 
