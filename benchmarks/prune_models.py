@@ -29,14 +29,19 @@ least-squares reconstruction on calibration lines of another seed.
 ``--allocate uniform,sensitivity`` adds rows with per-group ratios chosen from
 each group's measured output error (``prune-channels{allocate=sensitivity}``;
 with calibration data only); ``--recovery reconstruct`` skips the no-data rows;
-``--ridge``, ``--refit`` and ``--sensitivity-ratios`` pass through to the pass.
+``--ridge``, ``--refit``, ``--sensitivity-ratios`` and ``--sensitivity-samples`` pass through to the pass.
 ``--ocr-model det``: PP-OCRv4 det instead, box F1 on ``--eval-lines`` rendered
 pages and box agreement with the unpruned model (reconstruction only).
+``--latency-rounds N`` adds a latency column: every model of the run against
+the baseline, one onnxruntime thread, interleaved.  ``--keep DIR`` keeps the
+models; ``--time-kept DIR [--rounds N]`` times them again later, on a quiet
+machine, without pruning again.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import statistics
@@ -78,18 +83,20 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"'[^']*'", "X", reason)
 
 
-def latency(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, rounds: int) -> tuple[float, float]:
-    sa, sb = runtime.session(a, threads=1), runtime.session(b, threads=1)
-    for s in (sa, sb):
-        runtime.run(s, feeds)
-    ta, tb = [], []
+def latency(protos: list, feeds: dict, rounds: int) -> list[float]:
+    """Median seconds per model: one onnxruntime thread each, every model once per
+    round in an order rotated each round, after a warm-up run of each."""
+    sessions = [runtime.session(p, threads=1) for p in protos]
+    for sess in sessions:
+        runtime.run(sess, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
     for i in range(rounds):
-        order = [(sa, ta), (sb, tb)] if i % 2 == 0 else [(sb, tb), (sa, ta)]
-        for sess, out in order:
+        for k in range(len(sessions)):
+            j = (i + k) % len(sessions)
             t = time.perf_counter()
-            runtime.run(sess, feeds)
-            out.append(time.perf_counter() - t)
-    return statistics.median(ta), statistics.median(tb)
+            runtime.run(sessions[j], feeds)
+            times[j].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def measure(name: str, path: Path, pipeline: str, rounds: int) -> dict:
@@ -109,7 +116,7 @@ def measure(name: str, path: Path, pipeline: str, rounds: int) -> dict:
     got = runtime.run(runtime.session(pruned), feeds)
     same_shapes = all(got[k].shape == want[k].shape for k in want) and list(got) == list(want)
     cos = min(runtime.cosine_similarity(got[k], want[k]) for k in want)
-    t0, t1 = latency(base, pruned, feeds, rounds)
+    t0, t1 = latency([base, pruned], feeds, rounds)
     alone = collections.Counter(_reason_kind(n.split(" left alone: ", 1)[1]) for n in record.notes
                                 if " left alone: " in n)
     stats = record.stats
@@ -149,43 +156,77 @@ def print_table(rows: list[dict]) -> None:
 
 def ocr_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[str],
                  allocations: tuple[str, ...] = ("uniform",), recoveries: tuple[str, ...] = ("no data", "reconstruct"),
-                 extra: str = "") -> list[dict]:
+                 extra: str = "", keep: Path | None = None, rounds: int = 0) -> list[dict]:
     """PP-OCRv4 rec task metrics (``ocr_eval``: rendered lines of the evaluation
     seed) after ``prune-channels`` at each ratio, without data (l1, bias folding
     of constant channels only) and with ``n_calib`` calibration lines of another
     seed (least-squares reconstruction)."""
-    import tempfile
-
     import ocr_eval
 
-    path = bench_models.ppocr_models()["ppocr_rec"]
     data = ocr_eval.make_rec_dataset(n_eval)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="graphopt-prune-ocr-") as tmp:
-        base = baseline("ppocr_rec", path)
-        base_path = Path(tmp) / "base.onnx"
-        onnx.save(base, base_path)
+    with _ocr_workdir("rec", n_calib, keep) as (tmp, base, base_path, calib_path, shapes):
         ref = ocr_eval.evaluate_rec(base_path, data)
-        rows.append({"ratio": 0.0, "variant": "original", "exact_match": ref["exact_match"],
-                     "char_accuracy": ref["char_accuracy"], "macs": summarize(Model.from_proto(base),
-                     bench_models.PINNED_SHAPES["ppocr_rec"])["macs"]})
-        calib_path = ocr_eval.save_calibration("rec", Path(tmp) / "calib.npz", n=n_calib, model=base_path)
+        rows = [{"ratio": 0.0, "variant": "original", "exact_match": ref["exact_match"],
+                 "char_accuracy": ref["char_accuracy"], "macs": summarize(Model.from_proto(base), shapes)["macs"],
+                 "path": str(base_path)}]
         runs = [(r, c, v, a) for r in ratios for c in criteria for v in recoveries for a in allocations
                 if v == "reconstruct" or (c != "activation" and a == "uniform")]
         for ratio, criterion, variant, alloc in runs:
             options = f"ratio={ratio},criterion={criterion},calib-samples={n_calib},allocate={alloc}{extra}"
             model, stats, seconds, out = _prune(base, calib_path if variant == "reconstruct" else None, options,
-                                                Path(tmp) / f"pruned_{ratio}_{criterion}_{variant[0]}_{alloc}.onnx")
+                                                tmp / f"pruned_{ratio}_{criterion}_{variant[0]}_{alloc}.onnx")
             res = ocr_eval.evaluate_rec(out, data)
             rows.append({"ratio": ratio, "variant": variant, "criterion": criterion, "allocation": alloc,
                          "exact_match": res["exact_match"], "char_accuracy": res["char_accuracy"],
                          "channels": [stats["channels_before"], stats["channels_after"]],
-                         "per_group": stats.get("allocation"),
-                         "macs": summarize(model, bench_models.PINNED_SHAPES["ppocr_rec"])["macs"],
-                         "seconds": seconds})
+                         "per_group": stats.get("allocation"), "macs": summarize(model, shapes)["macs"],
+                         "seconds": seconds, "path": str(out)})
             print(f"  rec ratio {ratio} {criterion} {variant} {alloc}: {res['exact_match']:.3f} "
                   f"({seconds:.0f}s)", file=sys.stderr, flush=True)
+        _add_latency(rows, "ppocr_rec", rounds)
     return rows
+
+
+@contextlib.contextmanager
+def _ocr_workdir(kind: str, n_calib: int, keep: Path | None):
+    """The folded baseline of PP-OCRv4 ``kind`` saved in a work folder (``keep``,
+    or a temporary one), with ``n_calib`` calibration samples of another seed."""
+    import tempfile
+
+    import ocr_eval
+
+    name = f"ppocr_{kind}"
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            keep = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"graphopt-prune-{kind}-")))
+        keep.mkdir(parents=True, exist_ok=True)
+        base = baseline(name, bench_models.ppocr_models()[name])
+        base_path = keep / "base.onnx"
+        onnx.save(base, base_path)
+        calib_path = ocr_eval.save_calibration(kind, keep / "calib.npz", n=n_calib, model=base_path)
+        yield keep, base, base_path, calib_path, bench_models.PINNED_SHAPES[name]
+
+
+def _add_latency(rows: list[dict], name: str, rounds: int) -> None:
+    """Each row's model timed against the baseline (row 0) in one interleaved run."""
+    if rounds <= 0:
+        return
+    path = bench_models.ppocr_models()[name]
+    secs = latency([onnx.load(r["path"]) for r in rows], bench_models.sample_inputs(name, path), rounds)
+    for r, t in zip(rows, secs):
+        r["latency_ms"] = t * 1e3
+        r["latency_ratio"] = t / secs[0]
+
+
+def time_kept(folder: Path, name: str, rounds: int) -> None:
+    """Time every model kept in ``folder`` (``--keep``) against its base.onnx."""
+    rows = [{"path": str(folder / "base.onnx")}]
+    rows += [{"path": str(p)} for p in sorted(folder.glob("pruned_*.onnx"))]
+    _add_latency(rows, name, rounds)
+    print("| model | onnxruntime ms (1 thread) | x baseline |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {Path(r['path']).stem} | {r['latency_ms']:.2f} | {r['latency_ratio']:.2f} |")
 
 
 def _prune(base: onnx.ModelProto, calib_path: Path | None, options: str, out: Path):
@@ -205,42 +246,35 @@ def _prune(base: onnx.ModelProto, calib_path: Path | None, options: str, out: Pa
 
 
 def det_accuracy(ratios: list[float], n_eval: int, n_calib: int, criteria: list[str],
-                 allocations: tuple[str, ...] = ("uniform",), extra: str = "") -> list[dict]:
+                 allocations: tuple[str, ...] = ("uniform",), extra: str = "",
+                 keep: Path | None = None, rounds: int = 0) -> list[dict]:
     """PP-OCRv4 det task metrics (``ocr_eval``: F1 of the boxes against the
     rendered pages' line boxes, and box agreement with the unpruned model)
     after ``prune-channels`` with reconstruction on ``n_calib`` calibration
     pages of another seed."""
-    import tempfile
-
     import ocr_eval
 
-    path = bench_models.ppocr_models()["ppocr_det"]
     data = ocr_eval.make_det_dataset(n_eval)
-    shapes = bench_models.PINNED_SHAPES["ppocr_det"]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="graphopt-prune-det-") as tmp:
-        base = baseline("ppocr_det", path)
-        base_path = Path(tmp) / "base.onnx"
-        onnx.save(base, base_path)
+    with _ocr_workdir("det", n_calib, keep) as (tmp, base, base_path, calib_path, shapes):
         ref = ocr_eval.evaluate_det(base_path, data)
-        rows.append({"ratio": 0.0, "variant": "original", "f1": ref["f1"], "agreement_f1": 1.0,
-                     "macs": summarize(Model.from_proto(base), shapes)["macs"]})
-        calib_path = ocr_eval.save_calibration("det", Path(tmp) / "calib.npz", n=n_calib, model=base_path)
+        rows = [{"ratio": 0.0, "variant": "original", "f1": ref["f1"], "agreement_f1": 1.0,
+                 "macs": summarize(Model.from_proto(base), shapes)["macs"], "path": str(base_path)}]
         for ratio in ratios:
             for criterion in criteria:
                 for alloc in allocations:
                     options = f"ratio={ratio},criterion={criterion},calib-samples={n_calib},allocate={alloc}{extra}"
                     model, stats, seconds, out = _prune(base, calib_path, options,
-                                                        Path(tmp) / f"pruned_{ratio}_{criterion}_{alloc}.onnx")
+                                                        tmp / f"pruned_{ratio}_{criterion}_{alloc}.onnx")
                     res = ocr_eval.evaluate_det(out, data)
                     agree = ocr_eval.det_agreement(ref["predictions"], res["predictions"])
                     rows.append({"ratio": ratio, "variant": "reconstruct", "criterion": criterion, "allocation": alloc,
                                  "f1": res["f1"], "agreement_f1": agree["agreement_f1"],
                                  "channels": [stats["channels_before"], stats["channels_after"]],
                                  "per_group": stats.get("allocation"),
-                                 "macs": summarize(model, shapes)["macs"], "seconds": seconds})
+                                 "macs": summarize(model, shapes)["macs"], "seconds": seconds, "path": str(out)})
                     print(f"  det ratio {ratio} {criterion} {alloc}: F1 {res['f1']:.3f} ({seconds:.0f}s)",
                           file=sys.stderr, flush=True)
+        _add_latency(rows, "ppocr_det", rounds)
     return rows
 
 
@@ -257,19 +291,25 @@ def _row_head(r: dict, macs0: float, recovery: bool = False) -> str:
     return "| " + " | ".join(cells)
 
 
+def _latency_cell(r: dict) -> str:
+    return f"{r['latency_ratio']:.2f}x ({r['latency_ms']:.1f} ms)" if "latency_ratio" in r else "-"
+
+
 def print_det(rows: list[dict]) -> None:
-    print("| ratio | allocation | criterion | channels removed (of prunable) | MACs | F1 | box agreement F1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ratio | allocation | criterion | channels removed (of prunable) | MACs | latency | F1 "
+          "| box agreement F1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"{_row_head(r, rows[0]['macs'])} | {r['f1']:.3f} | {r['agreement_f1']:.3f} |")
+        print(f"{_row_head(r, rows[0]['macs'])} | {_latency_cell(r)} | {r['f1']:.3f} | {r['agreement_f1']:.3f} |")
 
 
 def print_ocr(rows: list[dict]) -> None:
-    print("| ratio | allocation | criterion | recovery | channels removed (of prunable) | MACs | exact match "
-          "| char accuracy |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| ratio | allocation | criterion | recovery | channels removed (of prunable) | MACs | latency "
+          "| exact match | char accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"{_row_head(r, rows[0]['macs'], recovery=True)} | {r['exact_match']:.3f} | {r['char_accuracy']:.4f} |")
+        print(f"{_row_head(r, rows[0]['macs'], recovery=True)} | {_latency_cell(r)} | {r['exact_match']:.3f} "
+              f"| {r['char_accuracy']:.4f} |")
     for r in rows:
         if r.get("per_group"):
             text = ", ".join(f"{k.split()[0]} {v:g}" for k, v in r["per_group"].items())
@@ -294,24 +334,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ridge", type=float, help="--ocr-accuracy: the pass's ridge option")
     ap.add_argument("--refit", choices=("consumers", "downstream"), help="--ocr-accuracy: the pass's refit option")
     ap.add_argument("--sensitivity-ratios", help="--ocr-accuracy: the pass's sensitivity-ratios, e.g. 0.25;0.5")
+    ap.add_argument("--sensitivity-samples", type=int, help="--ocr-accuracy: the pass's sensitivity-samples")
     ap.add_argument("--ocr-model", choices=("rec", "det"), default="rec",
                     help="--ocr-accuracy: det reports box F1 and agreement on --eval-lines pages instead")
+    ap.add_argument("--keep", type=Path, help="--ocr-accuracy: keep the baseline and pruned models in this folder")
+    ap.add_argument("--latency-rounds", type=int, default=0,
+                    help="--ocr-accuracy: time every model against the baseline, interleaved, this many rounds")
+    ap.add_argument("--time-kept", type=Path, metavar="DIR",
+                    help="only time the models a --keep run left in DIR against its base.onnx (--rounds rounds)")
     args = ap.parse_args(argv)
+    if args.time_kept:
+        time_kept(args.time_kept, f"ppocr_{args.ocr_model}", args.rounds)
+        return 0
     if args.ocr_accuracy:
         extra = "" if args.ridge is None else f",ridge={args.ridge}"
         extra += "" if args.refit is None else f",refit={args.refit}"
+        if args.sensitivity_samples:
+            extra += f",sensitivity-samples={args.sensitivity_samples}"
         if args.sensitivity_ratios:
             extra += f',sensitivity-ratios="{args.sensitivity_ratios}"'
         if args.ocr_model == "det":
             rows = det_accuracy([float(r) for r in args.ratios.split(",")], args.eval_lines, args.calib_lines,
-                                args.criteria.split(","), tuple(args.allocate.split(",")), extra)
+                                args.criteria.split(","), tuple(args.allocate.split(",")), extra,
+                                args.keep, args.latency_rounds)
             print_det(rows)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
             return 0
         rows = ocr_accuracy([float(r) for r in args.ratios.split(",")], args.eval_lines, args.calib_lines,
                             args.criteria.split(","), tuple(args.allocate.split(",")),
-                            tuple(v.strip() for v in args.recovery.split(",")), extra)
+                            tuple(v.strip() for v in args.recovery.split(",")), extra, args.keep,
+                            args.latency_rounds)
         print_ocr(rows)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
