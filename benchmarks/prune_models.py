@@ -29,7 +29,8 @@ least-squares reconstruction on calibration lines of another seed.
 ``--allocate uniform,sensitivity`` adds rows with per-group ratios chosen from
 each group's measured output error (``prune-channels{allocate=sensitivity}``;
 with calibration data only); ``--recovery reconstruct`` skips the no-data rows;
-``--ridge``, ``--refit``, ``--sensitivity-ratios`` and ``--sensitivity-samples`` pass through to the pass.
+``--ridge``, ``--refit``, ``--round-to``, ``--sensitivity-ratios`` and
+``--sensitivity-samples`` pass through to the pass.
 ``--ocr-model det``: PP-OCRv4 det instead, box F1 on ``--eval-lines`` rendered
 pages and box agreement with the unpruned model (reconstruction only).
 ``--latency-rounds N`` adds a latency column: every model of the run against
@@ -334,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ridge", type=float, help="--ocr-accuracy: the pass's ridge option")
     ap.add_argument("--refit", choices=("consumers", "downstream"), help="--ocr-accuracy: the pass's refit option")
     ap.add_argument("--sensitivity-ratios", help="--ocr-accuracy: the pass's sensitivity-ratios, e.g. 0.25;0.5")
+    ap.add_argument("--round-to", type=int, help="--ocr-accuracy: the pass's round-to (16 keeps onnxruntime's "
+                    "blocked AVX-512 convolutions)")
     ap.add_argument("--sensitivity-samples", type=int, help="--ocr-accuracy: the pass's sensitivity-samples")
     ap.add_argument("--ocr-model", choices=("rec", "det"), default="rec",
                     help="--ocr-accuracy: det reports box F1 and agreement on --eval-lines pages instead")
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ocr_accuracy:
         extra = "" if args.ridge is None else f",ridge={args.ridge}"
         extra += "" if args.refit is None else f",refit={args.refit}"
+        if args.round_to:
+            extra += f",round-to={args.round_to}"
         if args.sensitivity_samples:
             extra += f",sensitivity-samples={args.sensitivity_samples}"
         if args.sensitivity_ratios:
