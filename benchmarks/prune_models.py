@@ -350,27 +350,21 @@ def main(argv: list[str] | None = None) -> int:
         time_kept(args.time_kept, f"ppocr_{args.ocr_model}", args.rounds)
         return 0
     if args.ocr_accuracy:
-        extra = "" if args.ridge is None else f",ridge={args.ridge}"
-        extra += "" if args.refit is None else f",refit={args.refit}"
-        if args.round_to:
-            extra += f",round-to={args.round_to}"
-        if args.sensitivity_samples:
-            extra += f",sensitivity-samples={args.sensitivity_samples}"
+        passthrough = {"ridge": args.ridge, "refit": args.refit, "round-to": args.round_to,
+                       "sensitivity-samples": args.sensitivity_samples}
+        extra = "".join(f",{k}={v}" for k, v in passthrough.items() if v is not None)
         if args.sensitivity_ratios:
             extra += f',sensitivity-ratios="{args.sensitivity_ratios}"'
+        ratios = [float(r) for r in args.ratios.split(",")]
         if args.ocr_model == "det":
-            rows = det_accuracy([float(r) for r in args.ratios.split(",")], args.eval_lines, args.calib_lines,
-                                args.criteria.split(","), tuple(args.allocate.split(",")), extra,
-                                args.keep, args.latency_rounds)
+            rows = det_accuracy(ratios, args.eval_lines, args.calib_lines, args.criteria.split(","),
+                                tuple(args.allocate.split(",")), extra, args.keep, args.latency_rounds)
             print_det(rows)
-            if args.json:
-                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-            return 0
-        rows = ocr_accuracy([float(r) for r in args.ratios.split(",")], args.eval_lines, args.calib_lines,
-                            args.criteria.split(","), tuple(args.allocate.split(",")),
-                            tuple(v.strip() for v in args.recovery.split(",")), extra, args.keep,
-                            args.latency_rounds)
-        print_ocr(rows)
+        else:
+            rows = ocr_accuracy(ratios, args.eval_lines, args.calib_lines, args.criteria.split(","),
+                                tuple(args.allocate.split(",")), tuple(v.strip() for v in args.recovery.split(",")),
+                                extra, args.keep, args.latency_rounds)
+            print_ocr(rows)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         return 0

@@ -296,9 +296,8 @@ def tune(
     Kernels are tuned one at a time, the most expensive first, each with its
     share of ``trials`` (by estimated FLOPs).  One at a time, because
     MetaSchedule's gradient scheduler builds every kernel's first batch before
-    it measures or commits any (nothing was committed after 17 minutes on
-    squeezenet), and measures one kernel while it compiles the next, which on a
-    2-core machine times the candidates against the compiler.  So every batch is
+    it measures or commits any, and measures one kernel while it compiles the
+    next, which on a 2-core machine times the candidates against the compiler.  So every batch is
     committed as soon as it is measured and Ctrl-C loses nothing measured; the
     KeyboardInterrupt then propagates."""
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
@@ -309,9 +308,10 @@ def tune(
         report.line(f"all {len(tasks)} kernels already in the tuning database")
         return 0
     _require_metaschedule()
-    budget = allot_trials([_cost(t) for t in todo], trials)
-    plan = sorted(zip(todo, budget), key=lambda tb: -_cost(tb[0]))
-    plan = [(t, n) for t, n in plan if n > 0]
+    costs = [_cost(t) for t in todo]
+    order = sorted(range(len(todo)), key=lambda i: -costs[i])
+    budget = allot_trials(costs, trials)
+    plan = [(todo[i], budget[i]) for i in order if budget[i] > 0]
     learned = _has_xgboost()
     num_cores = _physical_cores()
     builder = PooledBuilder(max_workers=num_cores)
@@ -493,12 +493,11 @@ def _search_strategy(learned: bool, per_iter: int) -> ms.SearchStrategy:
     """How candidates are drawn for one kernel.
 
     With XGBoost, the evolutionary search: the learned cost model ranks a
-    population of mutated schedules and the best are measured.  Without it, the
-    cost model is random and evolution only burns time (MetaSchedule's default
-    population of 512, evolved 4 times per round for every kernel, had measured
-    nothing after 17 minutes for squeezenet's 29 kernels on 2 cores); replaying
-    random samples of the design space measures from the first second.  The
-    population is scaled to the trials each kernel gets in a round, not fixed.
+    population of mutated schedules and the best are measured.  Without it the
+    cost model is random, so evolving a population only costs time; random
+    samples of the design space are as good and cheaper.  The population is
+    scaled to the trials each kernel gets in a round (MetaSchedule's default
+    of 512 is sized for thousands of trials).
     """
     if not learned:
         return ms.search_strategy.ReplayTrace()
