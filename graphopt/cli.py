@@ -239,6 +239,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
             "cache": cached.status,
             "changed": result.changed,
             "passes": [r.as_dict() for r in result.records],
+            "notes": model.info.load_notes + result.unchanged,
             "model": {"before": _model_totals(before, args.input), "after": _model_totals(after, output)},
         }
         try:
@@ -251,6 +252,8 @@ def cmd_opt(args: argparse.Namespace) -> int:
         log.nodes = {"before": result.records[0].before.nodes, "after": result.records[-1].after.nodes}
     cached.store(output, report if report_path else None, {"nodes": log.nodes})
     if not args.quiet:
+        for line in model.info.load_notes + result.unchanged:
+            print(f"graphopt: note: {line}", file=sys.stderr)
         if result.records:
             before, after = result.records[0].before, result.records[-1].after
             change = (f"{before.nodes} -> {after.nodes} nodes, "

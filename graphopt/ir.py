@@ -119,6 +119,9 @@ class ModelInfo:
     # 1.32 fuses Add+LayerNormalization into SkipLayerNormalization only where
     # symbolic dims prove equal shapes, and that kernel is 3-7x slower on CPU).
     annotated: frozenset[str] = frozenset()
+    # What loading changed to accept a model onnxruntime runs but the checker
+    # refuses (one line each); the CLI prints them and the report lists them.
+    load_notes: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -411,8 +414,9 @@ def _used_domains(graph: gs.Graph) -> dict[str, int]:
 # ----------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------
-def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and validate a model file without loading its external data."""
+def load_proto(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelProto:
+    """Read and validate a model file without loading its external data.
+    What was normalized to accept it is appended to ``notes``."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -426,6 +430,9 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path}: not a valid ONNX model (no graph or no opset import)")
     _check_tensors(proto, path)
     _check_value_infos(proto.graph, path)
+    done = normalize_ir_version(proto)
+    if notes is not None:
+        notes.extend(done)
     try:
         # By path, so the checker looks for external data next to the model
         # (with a proto it would look in the current directory).
@@ -440,13 +447,49 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
 def load(path: str | os.PathLike) -> Model:
     """Load a model for optimization; weights in external files stay on disk."""
     path = Path(path)
-    proto = load_proto(path)
+    notes: list[str] = []
+    proto = load_proto(path, notes)
     try:
         model = Model.from_proto(proto, source_dir=path.resolve().parent)
         model.source_path = path.resolve()
+        model.info.load_notes = [f"{path}: {n}" for n in notes]
         return model
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
+
+
+# The first IR version in which an initializer need not be a graph input.
+_IR_INITIALIZERS_AS_CONSTANTS = 4
+
+
+def normalize_ir_version(proto: onnx.ModelProto) -> list[str]:
+    """Raise a model older than IR version 4 to 4, as onnxruntime reads it.
+
+    Before IR 4 every initializer had to be listed as a graph input, and many
+    exporters (and onnx's own frozen test models) did not; onnxruntime runs
+    such models anyway and treats every initializer as a constant that cannot be
+    fed, listed or not.  IR 4 says exactly that when the initializers are not
+    listed, so the listing goes and the checker accepts the model.  Returns a
+    note per change (empty if none).
+    """
+    if not 0 < proto.ir_version < _IR_INITIALIZERS_AS_CONSTANTS:
+        return []  # IR 0 is a missing version, which onnxruntime refuses too
+    old = proto.ir_version
+    inits = {t.name for t in proto.graph.initializer}
+    listed = [vi for vi in proto.graph.input if vi.name in inits]
+    if listed:
+        kept = [vi for vi in proto.graph.input if vi.name not in inits]
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)
+    proto.ir_version = _IR_INITIALIZERS_AS_CONSTANTS
+    unlisted = len(inits) - len(listed)
+    why = []
+    if listed:
+        why.append(f"{len(listed)} initializers no longer listed as graph inputs")
+    if unlisted:
+        why.append(f"{unlisted} initializers were not listed")
+    detail = f" ({'; '.join(why)}; onnxruntime treats initializers as constants before IR 4)" if why else ""
+    return [f"IR version {old} raised to {_IR_INITIALIZERS_AS_CONSTANTS}{detail}"]
 
 
 def _checker_message(exc: Exception) -> str:

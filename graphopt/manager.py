@@ -31,6 +31,7 @@ class PassRecord:
     round: int | None = None
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    reason: str = ""  # the pass's word on why nothing changed
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class PassRecord:
             "after": self.after.as_dict(),
             "stats": self.stats,
             "notes": self.notes,
+            **({"reason": self.reason} if self.reason else {}),
         }
 
 
@@ -61,6 +63,8 @@ class Instrument:
 @dataclasses.dataclass
 class RunResult:
     records: list[PassRecord]
+    # One line for each pass asked for by name that left the model as it was.
+    unchanged: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -75,12 +79,27 @@ class PassManager:
     def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
         ctx = ctx or PassContext()
         records: list[PassRecord] = []
+        self._ran: list[Pass] = []  # the pass of each record
         for inst in self.instruments:
             inst.run_begin(model, ctx)
         self._run_elements(self.pipeline.elements, model, ctx, records, None)
         for inst in self.instruments:
             inst.run_end(model, ctx, records)
-        return RunResult(records)
+        return RunResult(records, self._unchanged(records))
+
+    def _unchanged(self, records: list[PassRecord]) -> list[str]:
+        """Explicitly asked passes that changed nothing in any of their runs, and why."""
+        runs: dict[int, list[PassRecord]] = {}
+        for p, record in zip(self._ran, records):
+            runs.setdefault(id(p), []).append(record)
+        lines = []
+        for p in self.pipeline.passes():
+            mine = runs.pop(id(p), None)
+            if not mine or not p.explicit or any(r.changed for r in mine):
+                continue
+            reason = next((r.reason for r in reversed(mine) if r.reason), "") or "it found nothing to change"
+            lines.append(f"{p} changed nothing: {reason}")
+        return lines
 
     def _run_elements(self, elements, model, ctx, records, round_) -> bool:
         changed = False
@@ -128,8 +147,10 @@ class PassManager:
             round=round_,
             stats=result.stats,
             notes=result.notes,
+            reason=result.reason,
         )
         records.append(record)
+        self._ran.append(p)
         for inst in self.instruments:
             inst.after_pass(p, model, ctx, record)
         return result.changed

@@ -126,6 +126,9 @@ class PassResult:
     changed: bool
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Why nothing changed, in one line: shown when the pass was asked for by
+    # name and left the model as it was.
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +165,8 @@ class Pass:
 
     name: ClassVar[str] = ""
     tolerance: ClassVar[Tolerance] = Tolerance()
+    # False for passes a named pipeline (simplify) brought in; see PassManager.
+    explicit: bool = True
 
     def __init__(self, **options: Any):
         self._options: dict[str, Any] = {}

@@ -181,7 +181,11 @@ class _Parser:
             if name in self.expanding:
                 raise UsageError(f"named pipeline '{name}' refers to itself")
             return _Parser(named, self.expanding + (name,)).parse()
-        return [registry.get_pass(name)(**opts)]
+        instance = registry.get_pass(name)(**opts)
+        # Named in the text itself, not brought in by a named pipeline: a pass
+        # asked for that way says why when it changes nothing.
+        instance.explicit = not self.expanding
+        return [instance]
 
     def parse(self) -> list[Element]:
         if not self.text.strip():

@@ -108,3 +108,50 @@ def fresh_name(taken: set[str], base: str) -> str:
         i += 1
     taken.add(name)
     return name
+
+
+# Operands the ONNX spec declares scalar (0-d).  onnxruntime's kernels also take
+# a one-element 1-D tensor there, so an exporter's shape-[1] value goes through
+# while it is computed; once folding makes it a constant, shape inference reads
+# it and refuses the model (Range: "Input to 'Range' op should be scalars").
+SCALAR_OPERANDS: dict[str, tuple[int, ...]] = {
+    "Range": (0, 1, 2),
+    "Clip": (1, 2),
+    "CumSum": (1,),
+    "CumProd": (1,),
+    "Trilu": (1,),
+    "Pad": (2,),
+    "DFT": (1, 2),
+    "STFT": (1, 3),
+    "BlackmanWindow": (0,),
+    "HammingWindow": (0,),
+    "HannWindow": (0,),
+    "SequenceAt": (1,),
+    "SequenceErase": (1,),
+    "SequenceInsert": (2,),
+}
+
+
+def legalize_scalar_operands(graph: gs.Graph) -> int:
+    """Feed every scalar operand that reads a one-element constant of rank > 0 a
+    0-d copy of it (other readers keep the original); returns how many operands
+    changed.  The values are the same, so this never changes the outputs."""
+    taken = set(graph.tensors().keys())
+    copies: dict[int, gs.Constant] = {}
+    changed = 0
+    for node in graph.nodes:
+        if (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        for index in SCALAR_OPERANDS.get(node.op, ()):
+            if index >= len(node.inputs):
+                continue
+            operand = node.inputs[index]
+            if not isinstance(operand, gs.Constant) or len(operand.shape) == 0 or operand.values.size != 1:
+                continue
+            scalar = copies.get(id(operand))
+            if scalar is None:
+                scalar = gs.Constant(fresh_name(taken, operand.name + "__scalar"), operand.values.reshape(()))
+                copies[id(operand)] = scalar
+            node.inputs[index] = scalar
+            changed += 1
+    return changed

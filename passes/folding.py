@@ -52,7 +52,7 @@ from graphopt.context import PassContext
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult
 from graphopt.registry import register_pass
-from graphopt.rewrite import is_graph_output, remove_nodes, replace_all_uses
+from graphopt.rewrite import is_graph_output, legalize_scalar_operands, remove_nodes, replace_all_uses
 
 # Ops whose result differs between runs: folding would freeze one sample.
 NONDETERMINISTIC_OPS = frozenset(
@@ -298,15 +298,19 @@ class FoldConstants(Pass):
         # Bytes still allowed to outputs larger than what they are computed from,
         # shared by every round of the run so a fixpoint cannot multiply it.
         self._budget = ctx.scratch.setdefault(_BUDGET_KEY, [self.growth_bytes])
+        # Before shape inference, which cannot size a Range with shape-[1] operands.
+        changed = legalize_scalar_operands(graph) > 0
         self._ensure_shapes(model, ctx)
-        changed = False
         for _ in range(_MAX_ROUNDS):
             progressed = False
             if self.fold_shapes:
                 progressed |= self._fold_static_shapes(graph, stats)
+            progressed |= self._inline_constant_ifs(graph, stats)
             plan = self._plan(graph, blocked)
             if plan.nodes:
                 progressed |= self._fold(model, plan, blocked, stats)
+            # A folded one-element value may now sit where a scalar is required.
+            progressed |= legalize_scalar_operands(graph) > 0
             changed |= progressed
             if not progressed:
                 break
@@ -354,6 +358,31 @@ class FoldConstants(Pass):
         remove_nodes(graph, folded)
         stats.folded_shapes += len(folded)
         return bool(folded)
+
+    # -- If with a constant condition ---------------------------------------------------
+    def _inline_constant_ifs(self, graph: gs.Graph, stats: _Stats) -> bool:
+        """Replace each If whose condition is a constant by the branch it takes.
+
+        onnxruntime does the same when it creates a session.  Doing it here lets
+        the taken branch fold with the rest, and drops the other branch, which
+        may no longer type-check once its outer values are constants (onnx's
+        expanded AffineGrid: the 2-D branch squeezes a 3-D theta).
+        """
+        inlined = 0
+        for node in list(graph.nodes):
+            if node.op != "If" or (node.domain or "") not in ("", "ai.onnx") or not node.inputs:
+                continue
+            cond = node.inputs[0]
+            if not isinstance(cond, gs.Constant) or cond.values.size != 1:
+                continue
+            branch = node.attrs.get("then_branch" if bool(cond.values.reshape(-1)[0]) else "else_branch")
+            if not isinstance(branch, gs.Graph) or len(branch.outputs) != len(node.outputs):
+                continue
+            _inline_branch(graph, node, branch)
+            inlined += 1
+            stats.note(f"inlined If '{node.name}': its condition is the constant {bool(cond.values.reshape(-1)[0])}")
+        stats.folded_nodes += inlined
+        return inlined > 0
 
     # -- planning -----------------------------------------------------------------------
     def _plan(self, graph: gs.Graph, blocked: dict[int, gs.Node]) -> _Plan:
@@ -591,21 +620,101 @@ class FoldConstants(Pass):
 
     # -- rewriting ----------------------------------------------------------------------
     def _substitute(self, graph: gs.Graph, tensor: gs.Tensor, value: np.ndarray, stats: _Stats) -> bool:
-        """Make readers of ``tensor`` read a constant with the same name and value."""
-        name = tensor.name
-        const = gs.Constant(name, _constant_values(value))
-        if is_graph_output(graph, tensor):
-            # replace_all_uses moves the name onto the constant.
-            const.name = name + "__folding"
-            if not replace_all_uses(graph, tensor, const):
-                return False
-        else:
-            tensor.name = _unique_name(graph, name + "__folded")
-            if not replace_all_uses(graph, tensor, const):
-                tensor.name = name
-                return False
+        if not substitute_constant(graph, tensor, value):
+            return False
         stats.constants += 1
         return True
+
+
+def substitute_constant(graph: gs.Graph, tensor: gs.Tensor, value: np.ndarray) -> bool:
+    """Make readers of ``tensor`` read a constant with the same name and value."""
+    name = tensor.name
+    const = gs.Constant(name, _constant_values(value))
+    if is_graph_output(graph, tensor):
+        # replace_all_uses moves the name onto the constant.
+        const.name = name + "__folding"
+        return replace_all_uses(graph, tensor, const)
+    tensor.name = _unique_name(graph, name + "__folded")
+    if not replace_all_uses(graph, tensor, const):
+        tensor.name = name
+        return False
+    return True
+
+
+def materialize(model: Model, tensors: Sequence[gs.Tensor]) -> list[str]:
+    """Evaluate the constant subgraphs behind ``tensors`` (e.g. weights an
+    exporter computes with ConstantOfShape or Transpose) and make them
+    initializers, whatever their size: for a pass that must edit the values.
+    Tensors that depend on graph inputs, or on nondeterministic ops, are left
+    alone.  Returns the names materialized."""
+    graph = model.graph
+    inputs = {id(t) for t in graph.inputs}
+    cone: dict[int, gs.Node] = {}
+    wanted: list[gs.Tensor] = []
+    for tensor in tensors:
+        found: dict[int, gs.Node] = {}
+        stack, ok = [tensor], True
+        while stack and ok:
+            t = stack.pop()
+            if isinstance(t, gs.Constant) or _is_absent(t) or id(t) in found:
+                continue
+            if id(t) in inputs or len(t.inputs) != 1:
+                ok = False
+                break
+            node = t.inputs[0]
+            if node.op in NONDETERMINISTIC_OPS or (node.domain or "") not in ORT_DOMAINS:
+                ok = False
+                break
+            if id(node) not in found and id(node) not in cone:
+                found[id(node)] = node
+                stack.extend(list(node.inputs) + outer_refs(node))
+        if ok and found:
+            cone.update(found)
+            wanted.append(tensor)
+    if not wanted:
+        return []
+    nodes = [n for n in topological_order(graph) if id(n) in cone]
+    try:
+        proto = build_eval_model(model, nodes, [t.name for t in wanted], {})
+        values = runtime.session(proto, source_dir=model.source_dir, optimize=False).run(
+            [t.name for t in wanted], {})
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception:
+        return []
+    done = [t.name for t, v in zip(wanted, values) if isinstance(v, np.ndarray) and substitute_constant(graph, t, v)]
+    _remove_dead(graph, nodes)
+    return done
+
+
+def _inline_branch(graph: gs.Graph, node: gs.Node, branch: gs.Graph) -> None:
+    """Put ``branch``'s nodes where the If ``node`` was and make the If's readers
+    read the branch outputs.  gs shares tensor objects across scopes, so outer
+    values the branch reads are already the parent's tensors; names the branch
+    defines that the parent also uses (a sibling subgraph may) are renamed."""
+    taken = set(graph.tensors().keys()) - {t.name for t in node.outputs}
+    for inner in branch.nodes:
+        for t in inner.outputs:
+            if t.name in taken:
+                t.name = _unique_name(graph, t.name + "__inlined")
+            taken.add(t.name)
+    at = next(i for i, n in enumerate(graph.nodes) if n is node)
+    moved = list(branch.nodes)
+    bridges: list[gs.Node] = []
+    outputs = list(node.outputs)
+    result = list(branch.outputs)
+    node.inputs.clear()
+    node.outputs.clear()
+    for out, value in zip(outputs, result):
+        # An If output that is a graph output keeps its name; a branch output that
+        # cannot take that name (an outer value, or a graph input/output itself)
+        # is passed through an Identity.
+        if value.inputs and any(value.inputs[0] is n for n in moved) and replace_all_uses(graph, out, value):
+            continue
+        bridges.append(gs.Node("Identity", name=_unique_name(graph, (node.name or "If") + "__inlined"),
+                               inputs=[value], outputs=[out]))
+    graph.nodes[at:at + 1] = moved + bridges
+    branch.nodes.clear()
 
 
 def _value_nbytes(value: np.ndarray) -> int:

@@ -250,18 +250,56 @@ def test_if_with_constant_condition_folds_whole():
     assert_same_outputs(before, after)
 
 
-def test_if_reading_graph_input_is_not_folded():
-    then = helper.make_graph([helper.make_node("Neg", ["x"], ["o1"])], "t", [], [vi("o1", [2])])
-    other = helper.make_graph([helper.make_node("Abs", ["x"], ["o2"])], "e", [], [vi("o2", [2])])
-    before = make_model(
+def _if_model(cond: np.ndarray | None, then_ops: list, else_ops: list) -> onnx.ModelProto:
+    then = helper.make_graph(then_ops, "t", [], [vi("o1", [2])])
+    other = helper.make_graph(else_ops, "e", [], [vi("o2", [2])])
+    inputs = [vi("x", [2])] + ([] if cond is not None else [vi("cond", [], TensorProto.BOOL)])
+    return make_model(
         [helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
-        [vi("x", [2])],
+        inputs,
         [vi("y", [2])],
-        {"cond": np.array(True)},
+        {} if cond is None else {"cond": cond},
     )
+
+
+def test_if_with_constant_condition_becomes_its_taken_branch():
+    before = _if_model(np.array(True), [helper.make_node("Neg", ["x"], ["o1"])],
+                       [helper.make_node("Abs", ["x"], ["o2"])])
+    _, _, after = apply(before, FOLD)
+    assert op_types(after) == ["Neg"]
+    assert [o.name for o in after.graph.output] == ["y"]
+    assert_same_outputs(before, after)
+
+
+def test_if_with_constant_condition_passing_outer_value_keeps_output_name():
+    before = _if_model(np.array(False), [helper.make_node("Neg", ["x"], ["o1"])],
+                       [helper.make_node("Identity", ["x"], ["o2"])])
+    _, _, after = apply(before, FOLD)
+    assert [o.name for o in after.graph.output] == ["y"]
+    assert "If" not in op_types(after)
+    assert_same_outputs(before, after)
+
+
+def test_if_with_input_condition_is_kept():
+    before = _if_model(None, [helper.make_node("Neg", ["x"], ["o1"])], [helper.make_node("Abs", ["x"], ["o2"])])
     _, _, after = apply(before, FOLD)
     assert op_types(after) == ["If"]
-    assert_same_outputs(before, after)
+
+
+def test_one_element_constant_feeding_range_becomes_a_scalar():
+    """Range's operands must be 0-d once they are constants: onnxruntime's shape
+    inference refuses a shape-[1] one (folding onnx's expanded AffineGrid left
+    such a limit).  The written model loads and computes the same range."""
+    before = make_model(
+        [helper.make_node("Range", ["zero", "limit", "one"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])],
+        [vi("x", [3], TensorProto.INT64)],
+        [vi("y", [3], TensorProto.INT64)],
+        {"limit": np.array([3], np.int64), "zero": np.array(0, np.int64), "one": np.array(1, np.int64)},
+    )
+    _, _, after = apply(before, FOLD)
+    assert "Range" not in op_types(after)
+    x = np.array([10, 20, 30], np.int64)
+    assert ort_run(after, {"x": x})["y"].tolist() == [10, 21, 32]
 
 
 def test_sequence_result_is_not_materialized_but_consumers_fold():

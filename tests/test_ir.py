@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
+import graphopt.cli
 from graphopt.errors import ModelError, UsageError
 from graphopt.ir import ExternalValues, Model
 
@@ -182,26 +183,49 @@ def test_round_trip_keeps_model_local_functions(tmp_path):
     assert_same_outputs(proto, got, rel=0)
 
 
-def test_round_trip_ir3_initializers_listed_as_inputs(tmp_path):
+def test_ir3_model_is_read_as_onnxruntime_reads_it(tmp_path):
+    """Before IR 4 initializers had to be listed as inputs, yet onnxruntime
+    treats them as constants that cannot be fed: loading raises the model to
+    IR 4 with the initializers unlisted, and says so."""
     proto = ir3_model()
-    got = round_trip(tmp_path, proto)
-    assert got.ir_version == 3
-    assert [i.name for i in got.graph.input] == ["x", "w", "b"]
+    src = tmp_path / "in.onnx"
+    onnx.save(proto, str(src))
+    model = graphopt.load(src)
+    assert len(model.info.load_notes) == 1 and "IR version 3 raised to 4" in model.info.load_notes[0]
+    out = tmp_path / "out.onnx"
+    graphopt.save(model, out)
+    got = onnx.load(str(out))
+    assert got.ir_version == 4
+    assert [i.name for i in got.graph.input] == ["x"]
     assert sorted(t.name for t in got.graph.initializer) == ["b", "w"]
     onnx.checker.check_model(got)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
     assert_same_outputs(proto, got, rel=0, feeds=feeds)
 
 
+def test_ir3_model_with_unlisted_initializers_is_accepted(tmp_path):
+    """onnxruntime runs an IR 3 model whose initializers are not graph inputs
+    (the checker refuses it): graphopt takes it too, and folds it."""
+    proto = ir3_model()
+    del proto.graph.input[1:]
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, str(src))
+    assert graphopt.cli.main(["opt", str(src), "-o", str(out), "-q", "--no-cache"]) == 0
+    got = onnx.load(str(out))
+    assert got.ir_version == 4
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+    assert_same_outputs(proto, got, rel=1e-6, feeds=feeds)
+
+
 @pytest.mark.parametrize("path", LIGHT_MODELS[:3], ids=lambda p: p.stem)
 def test_round_trip_light_models(tmp_path, path):
     proto = onnx.load(str(path))
     got = round_trip(tmp_path, proto)
-    assert [i.name for i in got.graph.input] == [i.name for i in proto.graph.input]
-    assert [o.name for o in got.graph.output] == [o.name for o in proto.graph.output]
-    assert got.ir_version == proto.ir_version
-    assert len(got.graph.node) == len(proto.graph.node)
     real_inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+    assert [i.name for i in got.graph.input] == [i.name for i in proto.graph.input if i.name in real_inputs]
+    assert [o.name for o in got.graph.output] == [o.name for o in proto.graph.output]
+    assert got.ir_version == max(proto.ir_version, 4)
+    assert len(got.graph.node) == len(proto.graph.node)
     rng = np.random.default_rng(0)
     feeds = {
         i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)

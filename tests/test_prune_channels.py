@@ -7,6 +7,7 @@ import pytest
 from onnx import helper
 
 import graphopt
+import graphopt.cli
 from conftest import apply, make_model, ort_run, random_feeds, vi
 from graphopt import runtime
 from graphopt.calibration import open_reader
@@ -256,3 +257,60 @@ def test_reconstruction_after_simplify_on_a_residual_net(tmp_path):
     assert all(got[k].shape == want[k].shape for k in want)
     params = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731
     assert params(after) < 0.8 * params(before)
+
+
+def _computed_weight_chain(tmp_path):
+    """The chain with its first weight made by ConstantOfShape, as onnx's light
+    models make all of theirs."""
+    proto = _chain()
+    shape = np.array([32, 3, 3, 3], np.int64)
+    proto.graph.initializer.remove(next(t for t in proto.graph.initializer if t.name == "w1"))
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(shape, "w1_shape"))
+    fill = onnx.numpy_helper.from_array(np.array([0.05], F), "")
+    proto.graph.node.insert(0, helper.make_node("ConstantOfShape", ["w1_shape"], ["w1"], value=fill))
+    path = tmp_path / "computed.onnx"
+    onnx.save(proto, str(path))
+    return proto, path
+
+
+def test_computed_weights_are_evaluated_and_pruned(tmp_path, capsys):
+    proto, src = _computed_weight_chain(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert graphopt.cli.main(["opt", str(src), "-o", str(out), "-p", "prune-channels{ratio=0.5}",
+                              "--report", str(report), "--no-cache"]) == 0
+    import json
+
+    record = json.loads(report.read_text())["passes"][0]
+    assert record["changed"] and record["stats"]["channels_after"] < record["stats"]["channels_before"]
+    assert any("ConstantOfShape" in n for n in record["notes"])
+    got = onnx.load(str(out))
+    w1 = next(t for t in got.graph.initializer if t.name == "w1")
+    assert w1.dims[0] == 16  # the Conv fed by the computed weight lost half its channels
+    feeds = random_feeds(proto)
+    assert ort_run(got, feeds)["y"].shape == ort_run(proto, feeds)["y"].shape
+
+
+def test_asked_for_pass_that_prunes_nothing_says_why(tmp_path, capsys):
+    """Only a Conv feeding a graph output: no prunable group.  The pass says so
+    on stderr and in the report, in one line, and the model is written unchanged."""
+    rng = np.random.default_rng(0)
+    proto = make_model([conv("x", "w", "y")], [vi("x", [1, 3, 4, 4])], [vi("y", [1, 4, 2, 2])],
+                       {"w": rng.standard_normal((4, 3, 3, 3)).astype(F)})
+    src, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(proto, str(src))
+    assert graphopt.cli.main(["opt", str(src), "-o", str(out), "-p", "prune-channels{ratio=0.3}",
+                              "--report", str(report), "--no-cache"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "changed nothing" in line]
+    assert len(notes) == 1 and notes[0].startswith("graphopt: note: prune-channels changed nothing: ")
+    assert "graph output" in notes[0]
+    import json
+
+    assert json.loads(report.read_text())["notes"] == [notes[0].removeprefix("graphopt: note: ")]
+
+
+def test_passes_of_a_named_pipeline_do_not_report_doing_nothing(tmp_path, capsys):
+    proto = _chain()
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, str(src))
+    assert graphopt.cli.main(["opt", str(src), "-o", str(out), "--no-cache"]) == 0
+    assert "changed nothing" not in capsys.readouterr().err

@@ -24,7 +24,7 @@ from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import as_constant
-from passes.folding import topological_order
+from passes.folding import materialize, topological_order
 from passes.pruning import allocation, recovery
 from passes.pruning.groups import ChannelAnalysis, analyze, protect
 from passes.pruning.importance import activation_importance, reconstruction_importance, weight_importance
@@ -111,18 +111,22 @@ class PruneChannels(Pass):
         if self.allocate == "sensitivity" and ctx.calibration is None:
             raise UsageError("prune-channels: allocate=sensitivity needs calibration data (--calib)")
         grid = self._grid()
+        notes = _materialize_weights(model)
         analysis = analyze(model)
         if self.protect:
             protect(analysis, self.protect)
         groups = analysis.groups()
         prunable = [g.id for g in groups if g.prunable]
-        notes = [f"group #{g.id} ({', '.join(g.roots[:3]) or 'no producer'}, {g.size} channels) left alone: "
-                 f"{g.reasons[0]}" for g in groups if not g.prunable]
+        notes += [f"group #{g.id} ({', '.join(g.roots[:3]) or 'no producer'}, {g.size} channels) left alone: "
+                  f"{g.reasons[0]}" for g in groups if not g.prunable]
         stats: dict[str, Any] = {"groups": len(groups), "groups_prunable": len(prunable),
                                  "channels_before": sum(g.size for g in groups if g.prunable)}
-        if not prunable or self.ratio == 0:
+        if self.ratio == 0:
             stats.update(groups_pruned=0, channels_after=stats["channels_before"])
-            return PassResult(False, stats, notes)
+            return PassResult(False, stats, notes, reason="ratio=0 removes nothing")
+        if not prunable:
+            stats.update(groups_pruned=0, channels_after=stats["channels_before"])
+            return PassResult(False, stats, notes, reason=_why_nothing_prunable(model, groups))
         if self.criterion == "activation":
             scores = activation_importance(analysis, prunable, ctx.calibration, self.calib_samples)
         elif self.criterion == "reconstruction":
@@ -136,7 +140,9 @@ class PruneChannels(Pass):
         keep = {g: k for g, k in keep.items() if len(k) < analysis.spaces[g].size}
         if not keep:
             stats.update(groups_pruned=0, channels_after=stats["channels_before"])
-            return PassResult(False, stats, notes)
+            return PassResult(False, stats, notes, reason=(
+                f"every one of the {len(prunable)} prunable groups keeps all its channels at ratio={self.ratio} "
+                f"(min-channels={self.min_channels}, round-to={self.round_to})"))
         original = model.to_proto() if ctx.calibration is not None and self.reconstruct else None
         result = prune(model, analysis, keep, ctx, reconstruct=self.reconstruct, original=original,
                        max_samples=self.calib_samples, lam=self.ridge, downstream=self.refit == "downstream",
@@ -393,6 +399,48 @@ def _constant_channels(model: Model, names, plan, ctx) -> dict[str, np.ndarray]:
         hi = np.maximum(a.max(axis=1), b.max(axis=1))
         out[name] = np.where(lo == hi, lo, np.nan).astype(np.float64)
     return out
+
+
+# Parameters prune-channels edits: a weight an exporter computes (light models
+# make theirs with ConstantOfShape) must become an initializer first.
+_WEIGHT_OPERANDS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
+    "BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2),
+}
+
+
+def _materialize_weights(model: Model) -> list[str]:
+    """Evaluate computed weights so the analysis sees their values; one note."""
+    computed = [
+        node.inputs[i]
+        for node in model.graph.nodes
+        for i in _WEIGHT_OPERANDS.get(node.op, ())
+        if i < len(node.inputs) and node.inputs[i].name and node.inputs[i].inputs
+        and as_constant(node.inputs[i], model.info.initializer_inputs) is None
+    ]
+    if not computed:
+        return []
+    ops = sorted({t.inputs[0].op for t in computed})
+    done = materialize(model, computed)
+    if not done:
+        return [f"{len(computed)} weights are computed ({', '.join(ops)}) and could not be evaluated: "
+                "their layers are not pruned"]
+    return [f"evaluated {len(done)} weights computed by {', '.join(ops)} into initializers, so their "
+            "channels can be removed"]
+
+
+def _why_nothing_prunable(model: Model, groups: list) -> str:
+    """One line: what the analysis saw and why none of it can be pruned."""
+    layers = sum(1 for n in model.graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+    if not groups:
+        return (f"no channel group found: none of the {layers} Conv/Gemm/MatMul layers has a constant weight "
+                "whose output channels could be removed")
+    reasons: dict[str, int] = {}
+    for g in groups:
+        reasons[g.reasons[0]] = reasons.get(g.reasons[0], 0) + 1
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+    return (f"none of the {len(groups)} channel groups is prunable ("
+            + "; ".join(f"{n} {'group' if n == 1 else 'groups'}: {why}" for why, n in top) + ")")
 
 
 def _changed_bns(analysis: ChannelAnalysis, plan) -> list:
