@@ -189,6 +189,7 @@ class Model:
         finally:
             for t, dtype in hidden:
                 t.dtype = dtype
+        _hoist_shared_initializers(proto.graph, _single_constants(graph))
         if self.info.value_types:
             _restore_value_types(proto.graph, self.info.value_types)
         _decode_type_attributes(proto.graph)
@@ -282,6 +283,75 @@ def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from _graph_protos(attr.g)
             for sub in attr.graphs:
                 yield from _graph_protos(sub)
+
+
+def _single_constants(graph: gs.Graph) -> set[str]:
+    """Names that denote one constant throughout the model (gs shares the
+    tensor object between a scope and the subgraphs that read it)."""
+    objects: dict[str, set[int]] = {}
+    for g in iter_graphs(graph):
+        for name, t in g.tensors().items():
+            if isinstance(t, gs.Constant):
+                objects.setdefault(name, set()).add(id(t))
+    return {name for name, ids in objects.items() if len(ids) == 1}
+
+
+def _hoist_shared_initializers(graph: onnx.GraphProto, single: set[str]) -> None:
+    """Store each constant once, in the innermost scope enclosing all its readers.
+
+    gs writes an outer-scope constant into every subgraph that reads it, so the
+    weights an If's two branches share would be written three times.  Scopes
+    are paths of (node, attribute, graph) indices; the common prefix of the
+    paths of every graph holding a copy is the scope that keeps it."""
+    where: dict[str, list[tuple[tuple, onnx.GraphProto]]] = {}
+
+    def walk(g: onnx.GraphProto, path: tuple) -> None:
+        for t in g.initializer:
+            if t.name in single:
+                where.setdefault(t.name, []).append((path, g))
+        for i, node in enumerate(g.node):
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g, path + ((i, attr.name, 0),))
+                for j, sub in enumerate(attr.graphs):
+                    walk(sub, path + ((i, attr.name, j),))
+
+    walk(graph, ())
+    for name, copies in where.items():
+        if len(copies) < 2:
+            continue
+        common = _common_prefix([path for path, _ in copies])
+        moved = None
+        for path, g in copies:
+            if path != common:
+                index = next(k for k, t in enumerate(g.initializer) if t.name == name)
+                moved = moved or _detached(g.initializer[index])
+                del g.initializer[index]
+        if all(path != common for path, _ in copies):
+            _graph_at(graph, common).initializer.append(moved)
+
+
+def _detached(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return copy
+
+
+def _common_prefix(paths: list[tuple]) -> tuple:
+    prefix = paths[0]
+    for path in paths[1:]:
+        k = 0
+        while k < min(len(prefix), len(path)) and prefix[k] == path[k]:
+            k += 1
+        prefix = prefix[:k]
+    return prefix
+
+
+def _graph_at(graph: onnx.GraphProto, path: tuple) -> onnx.GraphProto:
+    for node_index, attr_name, graph_index in path:
+        attr = next(a for a in graph.node[node_index].attribute if a.name == attr_name)
+        graph = attr.g if attr.HasField("g") else attr.graphs[graph_index]
+    return graph
 
 
 def _plain(tp: onnx.TypeProto) -> bool:

@@ -560,3 +560,35 @@ def test_export_gives_duplicate_node_names_a_suffix():
     assert [n.name for n in got.graph.node] == ["n", "n_gemm", "n_1"]
     feeds = {"x": np.array([-1.0, 2.0], np.float32)}
     np.testing.assert_array_equal(ort_run(got, feeds)["y"], [0.0, 2.0])  # |-(relu x)|
+
+
+def _if_sharing_weight(outer_use: bool) -> onnx.ModelProto:
+    """Both branches of an If (and, if ``outer_use``, the outer graph) read W."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32), "W")
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [], [vi("t", None)])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["e0"]), helper.make_node("Relu", ["e0"], ["e"])],
+                              "else", [], [vi("e", None)])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    outputs = [vi("y", [2, 64])]
+    if outer_use:
+        nodes.append(helper.make_node("MatMul", ["x", "W"], ["z"]))
+        outputs.append(vi("z", [2, 64]))
+    graph = helper.make_graph(nodes, "g", [vi("x", [2, 16])], outputs,
+                              [w, onnx.numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("outer_use", [False, True])
+def test_weight_shared_by_subgraphs_is_written_once(tmp_path, outer_use):
+    proto = _if_sharing_weight(outer_use)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, str(src))
+    assert graphopt.cli.main(["opt", str(src), "-o", str(out), "-q", "--no-cache"]) == 0
+    got = onnx.load(str(out))
+    copies = [t.name for g in [got.graph] + [a.g for n in got.graph.node for a in n.attribute if a.HasField("g")]
+              for t in g.initializer if t.name == "W"]
+    assert copies == ["W"] and any(t.name == "W" for t in got.graph.initializer)
+    assert out.stat().st_size <= src.stat().st_size * 1.01 + 4096
+    for x in (np.ones((2, 16), np.float32), -np.ones((2, 16), np.float32)):  # both branches
+        assert_same_outputs(proto, got, rel=1e-6, feeds={"x": x})
