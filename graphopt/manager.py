@@ -97,7 +97,9 @@ class PassManager:
             mine = runs.pop(id(p), None)
             if not mine or not p.explicit or any(r.changed for r in mine):
                 continue
-            reason = next((r.reason for r in reversed(mine) if r.reason), "") or "it found nothing to change"
+            # The pass's own word, else the notes it left (they say what it skipped).
+            notes = "; ".join(mine[-1].notes[:2])
+            reason = next((r.reason for r in reversed(mine) if r.reason), "") or notes or "it found nothing to change"
             lines.append(f"{p} changed nothing: {reason}")
         return lines
 

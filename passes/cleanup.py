@@ -43,6 +43,7 @@ class EliminateDeadCode(Pass):
         return PassResult(
             changed=removed > 0 or after.initializers != before.initializers,
             stats={"removed_nodes": removed, "removed_constants": before.initializers - after.initializers},
+            reason="every node and constant feeds a graph output",
         )
 
 
@@ -233,6 +234,7 @@ class CommonSubexpressionElimination(Pass):
         return PassResult(
             changed=merged_constants + merged_nodes > 0,
             stats={"merged_nodes": merged_nodes, "merged_constants": merged_constants},
+            reason="no two nodes compute the same value and no two constants are equal",
         )
 
     def _merge_constants(self, graph: gs.Graph, bypass: Bypasser, consts: _ConstantKeys) -> int:
@@ -619,7 +621,8 @@ class EliminateIdentity(Pass):
         bypassed = sum(counts.values())
         stats: dict[str, int] = {"bypassed": bypassed, "removed_nodes": removed}
         stats.update({f"bypassed_{op}": n for op, n in sorted(counts.items())})
-        return PassResult(changed=bypassed > 0, stats=stats)
+        return PassResult(changed=bypassed > 0, stats=stats,
+                          reason="no node provably returns its input unchanged")
 
     def _run_graph(self, model: Model, graph: gs.Graph, counts: dict[str, int]) -> int:
         """Bypass what the rules allow in one graph; returns how many nodes went."""

@@ -325,6 +325,7 @@ class FoldConstants(Pass):
                 "blocked": stats.blocked,
             },
             notes=stats.notes,
+            reason="nothing left that depends only on constants or on static shapes",
         )
 
     def _ensure_shapes(self, model: Model, ctx: PassContext) -> None:

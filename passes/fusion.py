@@ -274,7 +274,8 @@ class FuseBatchNorm(Pass):
         fused = sum(counts.values())
         stats: dict[str, int] = {"fused": fused}
         stats.update({f"into_{op}": n for op, n in sorted(counts.items())})
-        return PassResult(changed=fused > 0, stats=stats)
+        return PassResult(changed=fused > 0, stats=stats, reason="no inference BatchNormalization follows a Conv, "
+                          "ConvTranspose, Gemm or MatMul with constant weights")
 
 
 # ----------------------------------------------------------------------------------
@@ -337,7 +338,8 @@ class FuseConvAffine(Pass):
             if node.op in ("Add", "Sub", "Mul") and node.domain in STANDARD_DOMAINS and id(node) not in fuser.removed:
                 fused += _fuse_one_affine(fuser, node)
         fuser.finish()
-        return PassResult(changed=fused > 0, stats={"fused": fused})
+        return PassResult(changed=fused > 0, stats={"fused": fused},
+                          reason="no per-channel constant Add, Sub or Mul follows a Conv or ConvTranspose")
 
 
 # ----------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ class FuseGemm(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if default_opset(model) < 7 or not any(n.op == "MatMul" for n in model.graph.nodes):
-            return PassResult(changed=False, stats={"fused": 0})
+            return PassResult(changed=False, stats={"fused": 0}, reason=_NO_GEMM)
         if lacks_annotations(model, {"MatMul"}):
             annotate_shapes(model)
         fuser = _Fuser(model)
@@ -389,4 +391,7 @@ class FuseGemm(Pass):
             if _is_op(node, "MatMul") and id(node) not in fuser.removed and _fuse_one_gemm(fuser, node):
                 fused += 1
         fuser.finish()
-        return PassResult(changed=fused > 0, stats={"fused": fused})
+        return PassResult(changed=fused > 0, stats={"fused": fused}, reason=_NO_GEMM)
+
+
+_NO_GEMM = "no MatMul of a 2-D activation and a constant weight is followed by a constant bias Add"
