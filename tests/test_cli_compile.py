@@ -76,6 +76,20 @@ def test_compile_onnxruntime_backend(files, tmp_path):
                                   runtime.run(runtime.session(small_cnn()), feed)["logits"])
 
 
+def test_compile_armv7_from_the_cli(files, tmp_path, capsys):
+    """Cross-compiled through the CLI; a machine without arm-linux-gnueabihf-gcc
+    links with zig (the test extra installs ziglang)."""
+    model, _ = files
+    art = tmp_path / "armv7"
+    assert main(["compile", str(model), "--target", "armv7", "-o", str(art), "--input-shape", "img=1x2x6x6"]) == 0
+    assert f"wrote {art}" in capsys.readouterr().err
+    lib = (art / "model.so").read_bytes()
+    assert lib[:5] == b"\x7fELF\x01" and int.from_bytes(lib[18:20], "little") == 40  # 32-bit, EM_ARM
+    assert int.from_bytes(lib[0x24:0x28], "little") & 0x400  # EF_ARM_ABI_FLOAT_HARD, as mfloat-abi=hard asks
+    cc = json.loads((art / "manifest.json").read_text())["target"]["cc"]
+    assert cc in ("arm-linux-gnueabihf-gcc", "zig cc -target arm-linux-gnueabihf")
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--target", "nosuch"], ExitCode.USAGE, "--target 'nosuch': unknown target"),
     (["--target", "x86_64", "--backend", "nosuch"], ExitCode.USAGE, "--backend 'nosuch': unknown backend"),

@@ -3,7 +3,7 @@ onnxruntime; targets; errors that must be one line and leave no folder."""
 from __future__ import annotations
 
 import json
-import shutil
+import os
 
 import numpy as np
 import onnx
@@ -101,19 +101,96 @@ def test_residual_outputs_in_model_order(compiled):
     assert [o["name"] for o in manifest["outputs"]] == ["y", "mid"]
 
 
-def test_cross_compile_aarch64(tmp_path):
-    spec = targets.PRESETS["aarch64"][1]()
-    if spec.cc and shutil.which(spec.cc) is None:
-        pytest.skip(f"{spec.cc} not installed")
+def elf_header(lib: bytes) -> tuple[int, int, int]:
+    """(ELF class: 1 = 32-bit, 2 = 64-bit; e_machine; e_flags) of a little-endian ELF file."""
+    assert lib[:4] == b"\x7fELF" and lib[5] == 1, lib[:8]
+    flags_at = 0x24 if lib[4] == 1 else 0x30
+    return lib[4], int.from_bytes(lib[18:20], "little"), int.from_bytes(lib[flags_at:flags_at + 4], "little")
+
+
+# preset -> (ELF class, e_machine, e_flags mask, e_flags under the mask): the float ABI the LLVM target asks for
+CROSS_ELF = {
+    "aarch64": (2, 183, 0, 0),  # EM_AARCH64
+    "riscv64": (2, 243, 0x6, 0x4),  # EM_RISCV, EF_RISCV_FLOAT_ABI_DOUBLE (mabi lp64d)
+    "armv7": (1, 40, 0x400, 0x400),  # EM_ARM, EF_ARM_ABI_FLOAT_HARD
+}
+
+
+@pytest.mark.parametrize("preset", ["aarch64", "riscv64"])
+def test_cross_compile(tmp_path, preset):
+    """Linked by the GNU cross gcc when installed, else by zig from the test
+    extra: never skipped, the README's setup installs ziglang."""
+    spec = targets.resolve(preset)
     onnx.save(gemm(), tmp_path / "g.onnx")
-    out = backends.compile_model(tmp_path / "g.onnx", tmp_path / "arm", backend="tvm", target="aarch64")
-    lib = (out / "model.so").read_bytes()
-    assert lib[:4] == b"\x7fELF" and int.from_bytes(lib[18:20], "little") == 183  # EM_AARCH64
+    out = backends.compile_model(tmp_path / "g.onnx", tmp_path / "art", backend="tvm", target=preset)
+    elf_class, machine, mask, flags = CROSS_ELF[preset]
+    got_class, got_machine, got_flags = elf_header((out / "model.so").read_bytes())
+    assert (got_class, got_machine, got_flags & mask) == (elf_class, machine, flags)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"]["tvm"]["mtriple"] == "aarch64-linux-gnu"
-    if targets.host_arch() != "aarch64":
-        with pytest.raises(UsageError, match="compiled for aarch64 .*this machine is"):
+    assert manifest["target"]["tvm"]["mtriple"] == spec.tvm["mtriple"]
+    assert manifest["target"]["cc"] == spec.cc
+    if spec.cross:
+        assert spec.cc in (targets.CROSS_CC[spec.arch][0], f"zig cc -target {targets.CROSS_CC[spec.arch][2]}")
+        with pytest.raises(UsageError, match=f"compiled for {spec.arch} .*this machine is"):
             backends.load_runner(out)
+
+
+def fake_gcc(folder, name: str):
+    """An executable ``name`` that records its arguments and writes its -o file."""
+    folder.mkdir(exist_ok=True)
+    script = folder / name
+    script.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
+                      'while [ "$1" != "-o" ]; do shift; done\necho fake > "$2"\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_gnu_cross_compiler_preferred_over_zig(tmp_path, monkeypatch):
+    gcc = fake_gcc(tmp_path / "bin", "aarch64-linux-gnu-gcc")
+    monkeypatch.setenv("PATH", f"{gcc.parent}:{os.environ.get('PATH', '')}")
+    linker = targets.find_linker("aarch64")
+    assert linker is not None and linker.name == "aarch64-linux-gnu-gcc" and linker.argv == (str(gcc),)
+    if targets.host_arch() != "aarch64":
+        assert targets.resolve("aarch64").cc == "aarch64-linux-gnu-gcc"
+    linker.fcompile()(str(tmp_path / "m.so"), ["a.o", "b.o"])
+    assert (tmp_path / "bin" / "args").read_text().split() == ["-shared", "-fPIC", "-o", str(tmp_path / "m.so"),
+                                                              "a.o", "b.o"]
+
+
+def test_link_failure_is_one_line_with_the_linkers_reason(tmp_path, monkeypatch):
+    gcc = tmp_path / "bin" / "riscv64-linux-gnu-gcc"
+    gcc.parent.mkdir()
+    gcc.write_text("#!/bin/sh\necho 'riscv64-linux-gnu-ld: lib0.o: file in wrong format'\n"
+                   "echo 'collect2: error: ld returned 1 exit status'\nexit 1\n")
+    gcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gcc.parent}:{os.environ.get('PATH', '')}")
+    if targets.host_arch() == "riscv64":
+        pytest.skip("riscv64 is this machine: the host compiler links it")
+    onnx.save(gemm(), tmp_path / "g.onnx")
+    with pytest.raises(CompileError) as info:
+        backends.compile_model(tmp_path / "g.onnx", tmp_path / "art", backend="tvm", target="riscv64")
+    assert str(info.value) == ("linking model.so failed (riscv64-linux-gnu-gcc): "
+                               "riscv64-linux-gnu-ld: lib0.o: file in wrong format")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "g.onnx"]
+
+
+def test_zig_when_no_gnu_cross_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no riscv64-linux-gnu-gcc here
+    linker = targets.find_linker("riscv64")
+    assert linker is not None, "ziglang (the cross and test extras) is not installed"
+    assert linker.name == "zig cc -target riscv64-linux-gnu"
+    assert linker.argv[1:] == ("-m", "ziglang", "cc", "-target", "riscv64-linux-gnu", "-O2")
+
+
+def test_no_linker_is_one_line_usage_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(targets, "zig_linker", lambda arch: None)
+    arch = "riscv64" if targets.host_arch() != "riscv64" else "aarch64"  # a cross target on any machine
+    gcc, package, _ = targets.CROSS_CC[arch]
+    with pytest.raises(UsageError) as info:
+        targets.resolve(arch)
+    assert str(info.value) == (f"--target {arch}: no linker for {arch}: neither {gcc} nor zig is installed "
+                               f"(pip install 'graphopt[cross]', or Debian/Ubuntu: apt-get install {package})")
 
 
 def test_unsupported_op_names_node(tmp_path):
@@ -148,7 +225,8 @@ def test_bad_targets(text, message):
 
 def test_json_target_and_presets_resolve():
     spec = targets.resolve('{"kind": "llvm", "mtriple": "riscv64-linux-gnu", "mattr": ["+m", "+a", "+f", "+d"]}')
-    assert spec.arch == "riscv64" and spec.cc == "riscv64-linux-gnu-gcc" and spec.device == "cpu"
+    assert spec.arch == "riscv64" and spec.device == "cpu"
+    assert spec.cc in ("riscv64-linux-gnu-gcc", "zig cc -target riscv64-linux-gnu")  # GNU when on PATH, else zig
     host = targets.resolve('{"kind": "llvm", "mcpu": "x86-64-v2"}' if targets.host_arch() == "x86_64"
                            else '{"kind": "llvm"}')
     assert host.cc is None and host.arch == targets.host_arch()

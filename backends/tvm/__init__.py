@@ -59,11 +59,7 @@ class TVMBackend(Backend):
         t1 = time.perf_counter()
         executable, tuning = build(mod, tvm.target.Target(spec.tvm), options)
         t2 = time.perf_counter()
-        fcompile = None
-        if spec.cc:
-            from tvm.support import cc
-
-            fcompile = cc.cross_compiler(spec.cc)
+        fcompile = spec.linker.fcompile() if spec.linker else None  # None: TVM's host compiler
         try:
             executable.export_library(str(folder / LIBRARY), fcompile=fcompile)
         except Exception as exc:

@@ -2,20 +2,99 @@
 
 TVM 0.27 takes targets as dicts only ("llvm -mcpu=..." strings are refused),
 and ``mcpu=native`` fails with the wheel's default triple, so the host preset
-names the CPU and its disabled features explicitly.  Cross targets carry the
-Debian cross compiler that links the shared library.
+names the CPU and its disabled features explicitly.  Cross targets carry the linker
+that makes the shared library: the GNU cross compiler when it is on PATH,
+else ``zig cc`` from the ``ziglang`` wheel (``pip install 'graphopt[cross]'``),
+so a machine set up from PyPI alone can cross-compile.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from graphopt.errors import UsageError, first_line
+
+
+# arch -> (GNU cross compiler, its Debian package, zig's -target triple)
+CROSS_CC = {
+    "x86_64": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu", "x86_64-linux-gnu"),
+    "aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", "aarch64-linux-gnu"),
+    "arm": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf", "arm-linux-gnueabihf"),
+    "riscv64": ("riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu", "riscv64-linux-gnu"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Linker:
+    """The command that links a cross target's objects into ``model.so``."""
+
+    name: str  # for the manifest and messages: "aarch64-linux-gnu-gcc" or "zig cc -target aarch64-linux-gnu"
+    argv: tuple[str, ...]  # the command; "-shared -fPIC -o OUT OBJECTS..." follows
+    triple: str  # the GNU triple the library is for
+
+    def fcompile(self) -> Callable[..., None]:
+        """An ``export_library`` fcompile running this command (TVM's
+        ``cross_compiler`` takes one executable; zig needs ``cc -target T``)."""
+
+        def link(output: str, objects: list[str], options: list[str] | None = None) -> None:
+            cmd = [*self.argv, "-shared", "-fPIC", "-o", output, *(options or []), *objects]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(_link_error(proc.stdout, proc.returncode))
+
+        link.output_format = "so"  # type: ignore[attr-defined]
+        link.get_target_triple = lambda: self.triple  # type: ignore[attr-defined]
+        return link
+
+
+def _link_error(output: str, code: int) -> str:
+    """The linker's first complaint, for a one-line error: lld and GNU ld put
+    the reason first, then excerpts (">>>"), notes and a summary
+    ("collect2: error: ld returned 1"); warnings may come before it."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    reasons = [ln for ln in lines if "warning" not in ln.lower() and not ln.startswith((">>>", "note:"))]
+    return (reasons or lines or [f"exit status {code}"])[0]
+
+
+def gnu_linker(arch: str) -> Linker | None:
+    """The Debian/Ubuntu cross gcc for ``arch`` when it is on PATH (first
+    choice: the toolchain a distribution ships for the device)."""
+    gcc, _, triple = CROSS_CC[arch]
+    path = shutil.which(gcc)
+    return Linker(gcc, (path,), triple) if path else None
+
+
+def zig_linker(arch: str) -> Linker | None:
+    """``zig cc`` from the ziglang wheel when it is installed: a clang with
+    glibc stubs for every triple, so no system toolchain is needed.  -O2:
+    without it zig builds a debug compiler-rt and UBSan runtime for each triple
+    (about 4x longer, the first time) and links that compiler-rt unoptimized,
+    where gcc links an optimized libgcc."""
+    if importlib.util.find_spec("ziglang") is None:
+        return None
+    triple = CROSS_CC[arch][2]
+    argv = (sys.executable, "-m", "ziglang", "cc", "-target", triple, "-O2")
+    return Linker(f"zig cc -target {triple}", argv, triple)
+
+
+def find_linker(arch: str) -> Linker | None:
+    """The GNU cross compiler if on PATH, else zig, else None."""
+    return gnu_linker(arch) or zig_linker(arch)
+
+
+def missing_linker(arch: str) -> str:
+    """How to get a linker for ``arch``, for the one-line error."""
+    gcc, package, _ = CROSS_CC[arch]
+    return (f"no linker for {arch}: neither {gcc} nor zig is installed "
+            f"(pip install 'graphopt[cross]', or Debian/Ubuntu: apt-get install {package})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,20 +103,21 @@ class TargetSpec:
     tvm: dict[str, Any]  # the TVM target dict
     device: str  # runtime device kind: cpu, cuda, vulkan, opencl, ...
     arch: str  # machine the library runs on: x86_64, aarch64, arm, riscv64
-    cc: str | None = None  # compiler that links the .so; None: TVM's default (the host's)
-    package: str | None = None  # Debian package that provides ``cc``
+    linker: Linker | None = None  # links the .so of a cross target; None: TVM's default (the host's compiler)
+
+    @property
+    def cross(self) -> bool:
+        """Built for another machine, so the host compiler cannot link it."""
+        return self.arch != host_arch()
+
+    @property
+    def cc(self) -> str | None:
+        return self.linker.name if self.linker else None
 
     def as_dict(self) -> dict[str, Any]:
         return {"tvm": self.tvm, "device": self.device, "arch": self.arch, "cc": self.cc}
 
 
-# arch -> (cross compiler, Debian package)
-CROSS_CC = {
-    "x86_64": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu"),
-    "aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
-    "arm": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
-    "riscv64": ("riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu"),
-}
 _GPU_KINDS = {"cuda", "vulkan", "opencl", "rocm", "metal"}
 
 
@@ -81,17 +161,15 @@ def host_llvm() -> dict[str, Any]:
 def _x86_64() -> TargetSpec:
     if host_arch() == "x86_64":
         return TargetSpec("x86_64", host_llvm(), "cpu", "x86_64")
-    cc, pkg = CROSS_CC["x86_64"]
     return TargetSpec("x86_64", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v2"}, "cpu",
-                      "x86_64", cc, pkg)
+                      "x86_64", find_linker("x86_64"))
 
 
 def _cross(name: str, arch: str, tvm_target: dict[str, Any]) -> Callable[[], TargetSpec]:
     def make() -> TargetSpec:
         if host_arch() == arch:
             return TargetSpec(name, tvm_target, "cpu", arch)
-        cc, pkg = CROSS_CC[arch]
-        return TargetSpec(name, tvm_target, "cpu", arch, cc, pkg)
+        return TargetSpec(name, tvm_target, "cpu", arch, find_linker(arch))
 
     return make
 
@@ -121,12 +199,12 @@ def _cuda_arch() -> str:
 
 PRESETS: dict[str, tuple[str, Callable[[], TargetSpec]]] = {
     "x86_64": ("this machine's x86-64 CPU (its CPU model and features)", _x86_64),
-    "aarch64": ("64-bit Arm Linux with NEON (cross: aarch64-linux-gnu-gcc)",
+    "aarch64": ("64-bit Arm Linux with NEON (linked by aarch64-linux-gnu-gcc, else zig cc)",
                 _cross("aarch64", "aarch64", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})),
-    "armv7": ("32-bit Arm Linux, hard float, NEON (cross: arm-linux-gnueabihf-gcc)",
+    "armv7": ("32-bit Arm Linux, hard float, NEON (linked by arm-linux-gnueabihf-gcc, else zig cc)",
               _cross("armv7", "arm", {"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mcpu": "cortex-a7",
                                       "mattr": ["+neon", "+vfp4", "+thumb2"], "mfloat-abi": "hard"})),
-    "riscv64": ("64-bit RISC-V Linux, RV64GC (cross: riscv64-linux-gnu-gcc)",
+    "riscv64": ("64-bit RISC-V Linux, RV64GC (linked by riscv64-linux-gnu-gcc, else zig cc)",
                 _cross("riscv64", "riscv64", {"kind": "llvm", "mtriple": "riscv64-linux-gnu", "mcpu": "generic-rv64",
                                               "mattr": ["+64bit", "+m", "+a", "+f", "+d", "+c"], "mabi": "lp64d"})),
     "cuda": ("NVIDIA GPU through CUDA (this machine's GPU, else sm_80); host code for this CPU", _gpu("cuda")),
@@ -189,8 +267,7 @@ def _from_json(text: str) -> TargetSpec:
     if arch not in CROSS_CC:
         raise UsageError(f"--target: no cross compiler known for mtriple '{triple}' "
                          f"(known: {', '.join(CROSS_CC)})")
-    cc, pkg = CROSS_CC[arch]
-    return TargetSpec("json", data, "cpu", arch, cc, pkg)
+    return TargetSpec("json", data, "cpu", arch, find_linker(arch))
 
 
 def _check_mcpu(target: Any, mcpu: str) -> None:
@@ -214,6 +291,5 @@ def _check_buildable(spec: TargetSpec, text: str) -> None:
     if kind != "c" and tvm.get_global_func(f"target.build.{kind}", allow_missing=True) is None:
         raise UsageError(f"--target {text}: this TVM build has no {kind} code generator "
                          f"(USE_{kind.upper()} is off)")
-    if spec.cc and shutil.which(spec.cc) is None:
-        raise UsageError(f"--target {text}: the cross compiler {spec.cc} is not installed "
-                         f"(Debian/Ubuntu: apt-get install {spec.package})")
+    if spec.cross and spec.linker is None:
+        raise UsageError(f"--target {text}: {missing_linker(spec.arch)}")
