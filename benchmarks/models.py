@@ -29,6 +29,10 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
+from download_cache import cache_dir  # noqa: E402  (re-exported)
+from light_weights import light_models  # noqa: E402  (re-exported)
+
 RAPIDOCR_PACKAGE = "rapidocr-onnxruntime"
 # Wheel member name -> short model name.
 PPOCR_MEMBERS = {
@@ -43,19 +47,6 @@ PINNED_SHAPES: dict[str, dict[str, list[int]]] = {
     "ppocr_rec": {"x": [1, 3, 48, 320]},
     "ppocr_cls": {"x": [1, 3, 48, 192]},
 }
-
-
-def cache_dir() -> Path:
-    """Where downloaded wheels and unpacked models live (created on demand)."""
-    root = Path(os.environ.get("GRAPHOPT_BENCH_CACHE", Path.home() / ".cache" / "graphopt-bench"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def light_models() -> dict[str, Path]:
-    """The onnx backend-test ``light`` models, by name without the ``light_`` prefix."""
-    folder = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-    return {p.stem.removeprefix("light_"): p for p in sorted(folder.glob("light_*.onnx"))}
 
 
 def _rapidocr_wheel() -> Path:

@@ -2,9 +2,10 @@
 
 Models: PP-OCRv4 det and rec and PP-OCR mobile v2.0 cls from the
 rapidocr-onnxruntime wheel (real weights), and light CNNs from onnx's backend
-test data with seeded random weights (``randomize_light``: the light models
-keep every weight as a ``ConstantOfShape`` fill, so quantizing them as shipped
-is degenerate).  Variants per model:
+test data with seeded random weights (``randomize_light``, from
+tests/light_weights.py: the light models keep every weight as a
+``ConstantOfShape`` fill, so quantizing them as shipped is degenerate).
+Variants per model:
 
 * ``graphopt_static``: ``graphopt opt M -p "simplify,quantize-static{method=M}" --calib C.npz``
 * ``ort_static``: onnxruntime's recommended flow, ``quant_pre_process`` then
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -49,114 +49,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
 
 import models as bench_models  # noqa: E402
 import ocr_eval  # noqa: E402
+from light_weights import randomize_light  # noqa: E402  (other benchmarks import it from here)
 
 HELD_OUT_SEED = 7  # raw-output cosine on OCR inputs: neither calibration (1) nor evaluation (0)
 LATENCY_SLACK = 1.05
 COS_TOLERANCE = 1e-6  # cosines closer than this are float noise (task metrics are compared exactly)
 OCR = {"ppocr_det": "det", "ppocr_rec": "rec", "ppocr_cls": "cls"}
 DEFAULT_MODELS = ["ppocr_det", "ppocr_rec", "ppocr_cls", "resnet50", "squeezenet", "shufflenet", "inception_v1"]
-
-
-# ----------------------------------------------------------------------------------
-# Light CNNs with random weights
-# ----------------------------------------------------------------------------------
-def _role(proto: onnx.ModelProto, tensor: str) -> tuple[str, int, onnx.NodeProto | None]:
-    """(op, input index, node) of the real consumer of a weight, looking through
-    Unsqueeze/Reshape/Identity."""
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for n in proto.graph.node:
-        for i, name in enumerate(n.input):
-            consumers.setdefault(name, []).append((n, i))
-    seen = 0
-    while seen < 8:
-        uses = consumers.get(tensor, [])
-        if len(uses) != 1:
-            return ("?", -1, None)
-        node, idx = uses[0]
-        if node.op_type in ("Unsqueeze", "Reshape", "Identity") and idx == 0:
-            tensor = node.output[0]
-            seen += 1
-            continue
-        return (node.op_type, idx, node)
-    return ("?", -1, None)
-
-
-def randomize_light(path: Path, seed: int = 0) -> onnx.ModelProto:
-    """A light model with every ConstantOfShape weight replaced by a seeded random
-    initializer of the same shape, chosen by what consumes it:
-
-    * Conv weight: He normal, std sqrt(2 / fan_in), fan_in = C_in/group * kH * kW;
-      Gemm weight: std sqrt(1 / fan_in); Conv/Gemm bias: N(0, 0.01^2);
-    * BatchNormalization: scale U(0.5, 1.5), bias N(0, 0.1^2), mean N(0, 0.1^2),
-      var U(0.5, 1.5); a BN written as Mul/Add of Unsqueezed constants: Mul
-      U(0.5, 1.5), Add N(0, 0.1^2);
-    * anything else: N(0, 0.1^2).
-
-    A final Softmax is removed so the output is logits (cosine and top-1 on a
-    softmax of random weights would be trivially close to 1).  Everything else is
-    the model as shipped, except that initializers are no longer listed as graph
-    inputs (IR version raised to 4), so every tool treats them as constants, and
-    the model is converted from opset 9 to 13 (onnx's version converter): the
-    per-channel QDQ both quantizers write needs 13, onnxruntime's flow converts
-    anyway, and graphopt's quantize-static leaves models below opset 10 alone."""
-    proto = onnx.load(str(path))
-    rng = np.random.default_rng(seed)
-    inits = {t.name: t for t in proto.graph.initializer}
-    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
-    keep, new_inits = [], []
-    for node in proto.graph.node:
-        if node.op_type != "ConstantOfShape":
-            keep.append(node)
-            continue
-        src = node.input[0]
-        shape = (numpy_helper.to_array(inits[src]) if src in inits
-                 else numpy_helper.to_array(consts[src].attribute[0].t)).astype(int).tolist()
-        op, idx, consumer = _role(proto, node.output[0])
-        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0]) if shape else 1
-        if op == "Conv" and idx == 1:
-            arr = rng.standard_normal(shape) * math.sqrt(2.0 / max(fan_in, 1))
-        elif op == "Gemm" and idx == 1:
-            trans_b = any(a.name == "transB" and a.i for a in consumer.attribute)
-            k = shape[1] if trans_b and len(shape) == 2 else shape[0] if len(shape) == 2 else fan_in
-            arr = rng.standard_normal(shape) * math.sqrt(1.0 / max(k, 1))
-        elif op in ("Conv", "Gemm") and idx == 2:
-            arr = rng.standard_normal(shape) * 0.01
-        elif (op == "BatchNormalization" and idx in (1, 4)) or op == "Mul":
-            arr = rng.uniform(0.5, 1.5, shape)
-        else:  # BN bias/mean, Add shift, others
-            arr = rng.standard_normal(shape) * 0.1
-        new_inits.append(numpy_helper.from_array(np.asarray(arr, np.float32).reshape(shape), node.output[0]))
-    del proto.graph.node[:]
-    proto.graph.node.extend(keep)
-    proto.graph.initializer.extend(new_inits)
-    last = proto.graph.node[-1]
-    if last.op_type == "Softmax" and last.output[0] == proto.graph.output[0].name:
-        out = proto.graph.output[0]
-        proto.graph.node.pop()
-        for n in proto.graph.node:
-            for i, name in enumerate(n.output):
-                if name == last.input[0]:
-                    n.output[i] = out.name
-    # drop the shape initializers nothing reads any more (and their graph inputs, if listed)
-    used = {i for n in proto.graph.node for i in n.input}
-    dropped = {t.name for t in proto.graph.initializer if t.name not in used}
-    live = [t for t in proto.graph.initializer if t.name not in dropped]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(live)
-    init_names = {t.name for t in live}
-    inputs = [vi for vi in proto.graph.input if vi.name not in dropped and vi.name not in init_names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(inputs)
-    proto.ir_version = max(proto.ir_version, 4)  # IR 3 wants every initializer listed as an input
-    proto = onnx.version_converter.convert_version(proto, 13)
-    onnx.checker.check_model(proto)
-    return proto
 
 
 # ----------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ onnxruntime against the original.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,9 +17,9 @@ import graphopt
 from graphopt import runtime
 from graphopt.context import PassContext
 from graphopt.ir import Model
+from light_weights import LIGHT_DIR, light_models as _light_models  # noqa: F401  (LIGHT_DIR re-exported)
 
-LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-LIGHT_MODELS = sorted(LIGHT_DIR.glob("light_*.onnx"))
+LIGHT_MODELS = sorted(_light_models().values())
 
 
 def make_model(

@@ -1,6 +1,7 @@
 """aarch64 artifacts run for real: a Conv+Relu graph compiled with the
 ``aarch64`` preset, executed by the aarch64 TVM runtime under qemu-user
-(benchmarks/arm_qemu.py), compared with onnxruntime on the host.
+(tests/aarch64_guest.py, the harness of benchmarks/arm_qemu.py), compared
+with onnxruntime on the host.
 
 The slow test needs qemu-aarch64, aarch64-linux-gnu-gcc and the arm64 root
 that ``python benchmarks/arm_qemu.py --setup-only`` builds; it is skipped,
@@ -11,19 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper
 
+import aarch64_guest as guest
 from conftest import make_model, vi
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import arm_qemu  # noqa: E402
 
 ELF_MACHINE_AARCH64 = 183
 
@@ -38,7 +34,7 @@ def conv_relu() -> onnx.ModelProto:
 
 def test_missing_root_names_the_setup_command(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHOPT_BENCH_CACHE", str(tmp_path))
-    root, why = arm_qemu.root_ready()
+    root, why = guest.root_ready()
     assert root is None
     assert str(tmp_path / "arm64-root") in why and "--setup-only" in why
 
@@ -49,29 +45,29 @@ def test_root_with_other_tvm_version_is_stale(tmp_path, monkeypatch):
     root = tmp_path / "arm64-root"
     root.mkdir()
     (root / ".graphopt-ready").write_text(json.dumps({"versions": {"apache-tvm": "0.0", "apache-tvm-ffi": "0.0"}}))
-    found, why = arm_qemu.root_ready()
+    found, why = guest.root_ready()
     assert found is None and "0.0" in why and "--setup-only" in why
-    (root / ".graphopt-ready").write_text(json.dumps({"versions": arm_qemu.host_versions()}))
-    assert arm_qemu.root_ready() == (root, "")
+    (root / ".graphopt-ready").write_text(json.dumps({"versions": guest.host_versions()}))
+    assert guest.root_ready() == (root, "")
 
 
 @pytest.fixture(scope="module")
 def aarch64_artifact(tmp_path_factory):
     """(qemu, arm64 root, artifact folder) for conv_relu compiled with the aarch64 preset."""
     pytest.importorskip("tvm")
-    qemu = arm_qemu.find_qemu()
+    qemu = guest.find_qemu()
     if qemu is None:
         pytest.skip("qemu-aarch64 not installed (Debian: apt-get install qemu-user)")
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("aarch64-linux-gnu-gcc not installed (Debian: apt-get install gcc-aarch64-linux-gnu)")
-    root, why = arm_qemu.root_ready()
+    root, why = guest.root_ready()
     if root is None:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("arm")
     model = tmp / "conv_relu.onnx"
     onnx.save(conv_relu(), str(model))
     out = tmp / "conv_relu_aarch64"
-    result = arm_qemu.compile_aarch64(model, out, ["--input-shape", "x=2x3x16x16"], timeout=600)
+    result = guest.compile_aarch64(model, out, ["--input-shape", "x=2x3x16x16"], timeout=600)
     assert "error" not in result, result["error"]
     return qemu, root, out
 
@@ -94,7 +90,7 @@ def test_conv_relu_runs_on_aarch64_under_qemu(aarch64_artifact):
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == ELF_MACHINE_AARCH64
 
     x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
-    got, report = arm_qemu.run_artifact(qemu, root, out, {"x": x}, runs=1, timeout=600)
+    got, report = guest.run_artifact(qemu, root, out, {"x": x}, runs=1, timeout=600)
     assert report["machine"] == "aarch64" and report["runtime_only"]
     check_against_onnxruntime(got, x)
 
@@ -103,8 +99,8 @@ def test_conv_relu_runs_on_aarch64_under_qemu(aarch64_artifact):
 def test_conv_relu_through_tvm_rpc_under_qemu(aarch64_artifact):
     qemu, root, out = aarch64_artifact
     x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
-    with arm_qemu.GuestRPCServer(qemu, root) as server:
+    with guest.GuestRPCServer(qemu, root) as server:
         assert server.machine == "aarch64"
-        got, _ = arm_qemu.run_artifact_rpc(server, out, {"x": x}, runs=1, timeout=600)
+        got, _ = guest.run_artifact_rpc(server, out, {"x": x}, runs=1, timeout=600)
     assert server.proc.poll() is not None  # the server under qemu is gone after the block
     check_against_onnxruntime(got, x)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -234,16 +235,28 @@ def test_identity_between_two_graph_outputs_is_kept():
 
 
 def test_identity_inside_if_branch_passing_outer_value_is_kept():
-    then_g = helper.make_graph([helper.make_node("Identity", ["r"], ["t"])], "then", [], [vi("t", [2])])
-    else_g = helper.make_graph([helper.make_node("Neg", ["r"], ["e"])], "else", [], [vi("e", [2])])
-    nodes = [
-        helper.make_node("Relu", ["x"], ["r"]),
-        helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
-    ]
-    proto = make_model(nodes, [vi("x", [2]), vi("c", [], TensorProto.BOOL)], [vi("y", [2])])
+    """The then-branch returns the outer ``r`` through an Identity.  Bypassing it
+    would make the branch output ``r`` itself (renaming ``r`` to ``t`` instead
+    would rename it in the outer graph too), so the Identity must stay, and with
+    it the branch's own output name."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2] x, bool c) => (float[2] y) {
+            r = Relu(x)
+            y = If(c) <
+                then_branch = then () => (float[2] t) { t = Identity(r) },
+                else_branch = else () => (float[2] e) { e = Neg(r) }
+            >
+        }
+    """)
     _, _, after = apply(proto, "eliminate-identity")
+    then_branch = next(helper.get_attribute_value(a) for a in after.graph.node[1].attribute
+                       if a.name == "then_branch")
+    assert [(n.op_type, list(n.input), list(n.output)) for n in then_branch.node] == [("Identity", ["r"], ["t"])]
+    assert [o.name for o in then_branch.output] == ["t"]
+    assert op_types(after) == ["Relu", "If"] and after.graph.node[0].output == ["r"]
     for c in (True, False):
-        assert_same_outputs(proto, after, feeds={"x": np.array([1, -2], F), "c": np.array(c)})
+        assert_same_outputs(proto, after, rel=0.0, feeds={"x": np.array([1, -2], F), "c": np.array(c)})
 
 
 @pytest.mark.parametrize("opset", [11, 13])

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper
 
+import graphopt
 from conftest import make_model, vi
 from graphopt import compress as compress_mod
 from graphopt import registry
@@ -19,7 +21,7 @@ from graphopt.calibration import open_reader
 from graphopt.cli import main
 from graphopt.compress import Candidate, choose, default_candidates, measure_latency
 from graphopt.fidelity import compare_outputs, parse_fidelity
-from graphopt.ir import load
+from graphopt.ir import Model, load
 from graphopt.runtime import run, session
 
 F = np.float32
@@ -265,11 +267,65 @@ def test_choose_prefers_smaller_file_among_latency_ties(tmp_path):
     assert choose([c(1, 0.5, 900, met=False)], "size", base) == (None, "not-met")
 
 
-def test_measure_latency_interleaved(mlp_path):
-    sess = session(onnx.load(str(mlp_path)), threads=1)
+class _ScriptedSession:
+    """Stands in for an onnxruntime session: each run is logged by name and
+    advances a fake clock by the next scripted duration, so the run order and
+    the statistic taken over the timings can be asserted exactly."""
+
+    def __init__(self, name: str, durations_ms: list[float], clock: list[float], log: list[str]):
+        self.name, self.durations, self.clock, self.log = name, list(durations_ms), clock, log
+
+    def get_inputs(self) -> list:
+        return []
+
+    def get_outputs(self) -> list:
+        return []
+
+    def run(self, names, feed) -> list:
+        self.log.append(self.name)
+        self.clock[0] += self.durations.pop(0) / 1e3
+        return []
+
+
+def test_measure_latency_interleaved(monkeypatch):
+    """Warm-up runs are not timed; the timed runs alternate base/candidate with
+    the order flipping every round (machine noise hits both alike); the
+    figures are medians (one outlier run does not move them), baseline first."""
+    clock, log = [0.0], []
+    monkeypatch.setattr(compress_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    warmup = [1000.0, 1000.0]  # timed, they would make the medians 50 and 400
+    base = _ScriptedSession("base", warmup + [1.0, 50.0, 2.0], clock, log)
+    cand = _ScriptedSession("cand", warmup + [400.0, 3.0, 4.0], clock, log)
+    assert measure_latency(base, cand, {}, rounds=3) == pytest.approx((2.0, 4.0))  # means: 17.7, 135.7
+    assert log == ["base", "cand"] * 2 + ["base", "cand", "cand", "base", "base", "cand"]
+    assert not base.durations and not cand.durations  # 2 warm-ups + 3 rounds each, no extra run
+
+
+def _wide_mlp(hidden: int = 2048) -> onnx.ModelProto:
+    """Same interface as _mlp (x: 1x64 -> y: 1x32) with ~180x its MACs."""
+    rng = np.random.default_rng(1)
+    inits = {"w1": (rng.standard_normal((64, 1024)) * 0.1).astype(F),
+             "w2": (rng.standard_normal((1024, hidden)) * 0.03).astype(F),
+             "w3": (rng.standard_normal((hidden, 32)) * 0.03).astype(F)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["y"])]
+    return make_model(nodes, [vi("x", [1, 64])], [vi("y", [1, 32])], inits)
+
+
+def test_measure_latency_ranks_a_costlier_model_slower(mlp_path):
+    """Real onnxruntime timings, ordered only (the machine is shared and noisy):
+    with a MAC ratio this large the medians cannot tie or swap, whichever of the
+    two models is passed as the baseline."""
+    small, wide = onnx.load(str(mlp_path)), _wide_mlp()
+    macs = [graphopt.inspect(Model.from_proto(m))["macs"] for m in (small, wide)]
+    assert macs[1] > 150 * macs[0]
+    small_sess, wide_sess = session(small, threads=1), session(wide, threads=1)
     feed = {"x": np.ones((1, 64), F)}
-    base_ms, cand_ms = measure_latency(sess, sess, feed, rounds=3)
-    assert base_ms > 0 and cand_ms > 0
+    base_ms, cand_ms = measure_latency(small_sess, wide_sess, feed, rounds=7)
+    assert 0 < base_ms < cand_ms
+    base_ms, cand_ms = measure_latency(wide_sess, small_sess, feed, rounds=7)
+    assert base_ms > cand_ms > 0
 
 
 def test_conv_model_with_pruning_and_compile(tmp_path):

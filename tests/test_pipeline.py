@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from types import SimpleNamespace
 
 import numpy as np
+import onnx.parser
 import pytest
 from onnx import helper
 
 import graphopt
 from graphopt import registry
-from graphopt.errors import PassError, UsageError, VerificationError
+from graphopt.errors import ExitCode, PassError, UsageError, VerificationError
 from graphopt.instruments import DumpDir, PrintIRAfter, TimePasses, VerifyEach
 from graphopt.ir import Model
 from graphopt.manager import PassManager
@@ -244,9 +246,44 @@ def test_verify_each_accepts_a_correct_pass_and_records_error():
 
 
 def test_verify_each_with_given_inputs_and_tolerance():
+    """On these inputs Relu gives zeros and Neg(0) == 0, so the broken pass is
+    indistinguishable from a correct one: it passes only if the given inputs
+    (not random ones) are fed, and the record shows the run's tolerance was used."""
     model = tiny_model()
-    inputs = {"x": -np.ones((2, 3), np.float32)}  # Relu gives zeros, Neg(0) == 0: passes
-    PassManager(parse("test-negate"), [VerifyEach(inputs=inputs, tolerance=0.0)]).run(model)
+    inputs = {"x": -np.ones((2, 3), np.float32)}
+    result = PassManager(parse("test-negate"), [VerifyEach(inputs=inputs, tolerance=0.0)]).run(model)
+    assert result.records[0].stats["verify"] == {"y": "relative error 0 (tolerance 0)"}
+
+
+# float16 rounds the weight.  (A Relu alone would not move: onnxruntime drops
+# the fp16 -> fp32 -> fp16 Casts around the float32 kernel it runs for it.)
+MATMUL_TEXT = """
+<ir_version: 8, opset_import: ["": 17]>
+g (float[2,3] x) => (float[2,4] y)
+<float[3,4] w = {0.1, -0.7, 1.3, 0.45, -1.1, 0.333, 0.9, -0.21, 0.77, 1.7, -0.05, 0.6}>
+{
+    y = MatMul(x, w)
+}
+"""
+
+
+def test_verify_each_fails_beyond_the_given_tolerance():
+    """The twin: convert-fp16 moves the outputs by float16 rounding, within its
+    own 1e-2 bound but not within an absurdly tight run tolerance; the run must
+    stop with VerificationError (the CLI's exit 4), naming the figure."""
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+
+    def verified(tolerance: float | None):
+        model = Model.from_proto(onnx.parser.parse_model(MATMUL_TEXT))
+        return PassManager(parse("convert-fp16"), [VerifyEach(inputs=feeds, tolerance=tolerance)]).run(model)
+
+    figure = verified(None).records[0].stats["verify"]["y"]
+    assert re.fullmatch(r"relative error \S+ \(tolerance 0\.01\)", figure), figure
+    assert 1e-6 < float(figure.split()[2]) < 1e-2  # it really moved, and only slightly
+    with pytest.raises(VerificationError,
+                       match=r"^pass 'convert-fp16': output 'y' moved: relative error \S+ \(tolerance 1e-06\)$") as info:
+        verified(1e-6)
+    assert info.value.exit_code == ExitCode.PASS_FAILED
 
 
 def test_time_print_and_dump_instruments(tmp_path, capsys):

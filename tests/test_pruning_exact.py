@@ -11,15 +11,13 @@ import pytest
 import graphopt
 from conftest import LIGHT_MODELS
 from graphopt.ir import Model
+from light_weights import light_models, randomize_light
 from test_pruning_groups import assert_same, zero_and_prune
 
 FAST = ("squeezenet", "inception_v1", "resnet50")
 
 
 def _prepared(name: str):
-    from benchmarks.quantize_vs_ort import randomize_light
-    from benchmarks.models import light_models
-
     model = Model.from_proto(randomize_light(light_models()[name]))
     graphopt.optimize(model, "fold-constants")
     return model.to_proto()
