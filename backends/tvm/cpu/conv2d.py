@@ -1,0 +1,242 @@
+"""Channel-blocked 2-D convolution: compute, legalization and schedule.
+
+Layout NCHW[b]c (data and output: ``[N, C/b, H, W, b]``); weights OIHW[b]i[b]o
+(``[O/b, I/b, KH, KW, b, b]``) for a dense convolution and OIHW1i[b]o
+(``[C/b, 1, KH, KW, 1, b]``) for a depthwise one, packed at compile time.  A
+vector of ``b`` output channels is the innermost axis of both the output and
+the weights, so the inner loop is one vector FMA per input channel and tap:
+the output column's input value broadcast, times ``b`` weights.
+
+The schedule keeps a register tile of ``tile_w`` output columns by one vector
+of output channels in ``tile_w`` accumulators (NeoCPU's ``reg_n``), runs the
+reduction (input-channel blocks, kernel rows and columns, channels within a
+block) around it, writes the tile once, applies the fused epilogue (bias,
+activation, residual add, the layout transform back) while the rows are
+still in cache, and spreads the output rows over the cores.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.s_tir import dlight as dl
+
+from backends.tvm.cpu.target import vector_lanes
+
+DENSE = "conv2d_nchwc"
+DEPTHWISE = "depthwise_conv2d_nchwc"
+PACK = "pack_nchwc"
+UNPACK = "unpack_nchwc"
+_BLOCKED_KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
+
+
+# ---------------------------------------------------------------- compute
+
+
+def _blocked_input(data: te.Tensor, b: int, pad: tuple[int, int, int, int]) -> te.Tensor:
+    """NCHW data as [N, C/b, H + pads, W + pads, b], zero-padded: the copy
+    padding needs anyway also blocks the channels."""
+    top, left, bottom, right = pad
+    n, c, h, w = data.shape
+
+    def value(i, j, y, x, k):
+        inside = tirx.all(y >= top, y < h + top, x >= left, x < w + left)
+        return tirx.if_then_else(inside, data[i, j * b + k, y - top, x - left], tirx.const(0, data.dtype))
+
+    return te.compute((n, c // b, h + top + bottom, w + left + right, b), value, name=PACK)
+
+
+def _unblocked(out: te.Tensor) -> te.Tensor:
+    """[N, C/b, H, W, b] back to NCHW, computed at the register tile."""
+    n, cb, h, w, b = out.shape
+    return te.compute((n, cb * b, h, w), lambda i, c, y, x: out[i, c // b, y, x, c % b], name=UNPACK)
+
+
+def _out_size(size, kernel: int, stride: int, dilation: int, before: int, after: int) -> int:
+    return (int(size) + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _geometry(data: te.Tensor, kh: int, kw: int, strides, padding, dilation):
+    _, _, h, w = data.shape
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    top, left, bottom, right = (int(p) for p in padding)
+    oh = _out_size(h, kh, sh, dh, top, bottom)
+    ow = _out_size(w, kw, sw, dw, left, right)
+    return (sh, sw), (dh, dw), (top, left, bottom, right), oh, ow
+
+
+def conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation, out_dtype: str) -> te.Tensor:
+    """Dense convolution, NCHW in and out, computed blocked: weight [O/b, I/b, KH, KW, b, b]."""
+    oc_blocks, ic_blocks, kh, kw, ib, ob = (int(d) for d in weight.shape)
+    (sh, sw), (dh, dw), pad, oh, ow = _geometry(data, kh, kw, strides, padding, dilation)
+    src = _blocked_input(data, ib, pad)
+    rc = te.reduce_axis((0, ic_blocks), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    ri = te.reduce_axis((0, ib), "ri")
+    out = te.compute(
+        (data.shape[0], oc_blocks, oh, ow, ob),
+        lambda i, o, y, x, c: te.sum(
+            src[i, rc, y * sh + ry * dh, x * sw + rx * dw, ri].astype(out_dtype)
+            * weight[o, rc, ry, rx, ri, c].astype(out_dtype),
+            axis=[rc, ry, rx, ri],
+        ),
+        name=DENSE,
+    )
+    return _unblocked(out)
+
+
+def depthwise_conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation,
+                           out_dtype: str) -> te.Tensor:
+    """Depthwise convolution, NCHW in and out, computed blocked: weight [C/b, 1, KH, KW, 1, b]."""
+    c_blocks, _, kh, kw, _, b = (int(d) for d in weight.shape)
+    (sh, sw), (dh, dw), pad, oh, ow = _geometry(data, kh, kw, strides, padding, dilation)
+    src = _blocked_input(data, b, pad)
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    out = te.compute(
+        (data.shape[0], c_blocks, oh, ow, b),
+        lambda i, o, y, x, c: te.sum(
+            src[i, o, y * sh + ry * dh, x * sw + rx * dw, c].astype(out_dtype)
+            * weight[o, 0, ry, rx, 0, c].astype(out_dtype),
+            axis=[ry, rx],
+        ),
+        name=DEPTHWISE,
+    )
+    return _unblocked(out)
+
+
+# ---------------------------------------------------------------- legalization
+
+
+def blocked_kind(attrs: Any) -> tuple[str, int] | None:
+    """("dense"|"depthwise", b) for an NCHW conv2d whose weight graphopt packed."""
+    if str(attrs.data_layout) != "NCHW" or str(attrs.out_layout or "NCHW") != "NCHW":
+        return None
+    m = _BLOCKED_KERNEL.match(str(attrs.kernel_layout))
+    if not m:
+        return None
+    i, o = int(m.group(1)), int(m.group(2))
+    if int(attrs.groups) == 1:
+        return "dense", o
+    if i == 1 and int(attrs.groups) > 1:
+        return "depthwise", o
+    return None
+
+
+def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``relax.nn.conv2d`` in a blocked layout to graphopt's compute; any other
+    layout to TVM's own legalization."""
+    kind = blocked_kind(call.attrs)
+    if kind is None:
+        default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+        return default(bb, call)
+    out_dtype = str(call.attrs.out_dtype or "")
+    if out_dtype in ("", "None", "void"):
+        out_dtype = str(call.args[0].ty.dtype)
+    compute = conv2d_nchwc if kind[0] == "dense" else depthwise_conv2d_nchwc
+    return bb.call_te(
+        compute, call.args[0], call.args[1],
+        [int(s) for s in call.attrs.strides], [int(p) for p in call.attrs.padding],
+        [int(d) for d in call.attrs.dilation], out_dtype,
+        primfunc_name_hint=DENSE if kind[0] == "dense" else DEPTHWISE,
+    )
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def column_tile(width: int, limit: int = 14) -> int:
+    """Output columns per register tile: the largest divisor of ``width`` up to
+    ``limit`` (accumulators plus a broadcast and a weight register fit in the
+    32 vector registers of AVX-512 and NEON), else ``limit`` with a tail."""
+    for t in range(min(limit, width), 0, -1):
+        if width % t == 0 and t >= max(2, min(limit, width) // 2):
+            return t
+    return min(limit, width)
+
+
+class BlockedConv2D(dl.cpu.base.CPUScheduleRule if hasattr(dl, "cpu") else dl.ScheduleRule):
+    """Schedule the kernels that hold a blocked convolution (dense or depthwise)."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        conv = _find_block(sch, (DENSE, DEPTHWISE))
+        if conv is None:
+            return None
+        try:
+            _schedule(sch, conv, target)
+        except Exception:  # a schedule primitive refused: fall back to the next rule
+            return None
+        return sch
+
+
+def _find_block(sch: s_tir.Schedule, names: tuple[str, ...]):
+    for name in names:
+        try:
+            return sch.get_sblock(name)
+        except Exception:  # no such block
+            continue
+    return None
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
+    lanes = vector_lanes(target)
+    loops = sch.get_loops(conv)
+    n, oc, oh, ow, oc_inner = loops[:5]
+    reduction = loops[5:]
+    tile = column_tile(_extent(sch, ow), 14 if lanes >= 16 else 8)
+    ow_outer, ow_inner = sch.split(ow, [None, tile])
+    sch.reorder(n, oc, oh, ow_outer, *reduction, ow_inner, oc_inner)
+    # The tile accumulates in a local buffer the compiler keeps in registers.
+    acc = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(acc, ow_outer, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.unroll(ow_inner)
+    sch.vectorize(oc_inner)
+    rows = sch.fuse(n, oc, oh)
+    # The blocked, zero-padded copy of the input is made in parallel up front.
+    _parallel_vectorized(sch, sch.get_sblock(PACK))
+    # Unblocking and the fused epilogue (bias, activation, residual add) run
+    # per output row, right after it, while it is in cache.
+    for block in _blocks_after(sch, conv, skip=acc):
+        try:
+            sch.reverse_compute_at(block, rows, preserve_unit_loops=True)
+            inner = sch.get_loops(block)[-1]
+            if _extent(sch, inner) > 1:
+                sch.vectorize(inner)
+        except Exception:  # the primitive refused this block
+            _parallel_vectorized(sch, block)
+    sch.parallel(rows)
+    init = sch.decompose_reduction(conv, reduction[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _blocks_after(sch: s_tir.Schedule, block, skip) -> list:
+    """The root's blocks after ``block`` in program order (the fused epilogue)."""
+    children = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in children]
+    at = names.index(sch.get(block).name_hint)
+    skipped = sch.get(skip).name_hint
+    return [b for b, name in zip(children[at + 1:], names[at + 1:]) if name != skipped]
+
+
+def _parallel_vectorized(sch: s_tir.Schedule, block) -> None:
+    """An injective block: outer loops fused and parallel, the innermost vectorized."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if len(loops) > 1:
+        outer = sch.fuse(*loops[:-1])
+        sch.parallel(outer)
+    if _extent(sch, loops[-1]) > 1:
+        sch.vectorize(loops[-1])

@@ -1,0 +1,125 @@
+"""Schedules for the kernels that are not convolutions or GEMVs.
+
+* ``Injective``: every block spatial (elementwise chains, layout transforms,
+  concatenation, padding, broadcasts): producers inlined into the last block
+  where they can be, its loops fused, split by the vector lanes, the outer
+  part parallel and the inner part vectorized.
+* ``SpatialReduction``: one reduction block whose output is indexed by all its
+  spatial loops (pooling, reductions over a window): spatial loops outside the
+  reduction, except the innermost, which stays inside so that it vectorizes
+  (a channel block in NCHW[b]c); outer loops parallel.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+
+from backends.tvm.cpu.target import num_cores, vector_lanes
+
+# Below this many elements a kernel runs on one core: waking the others costs more.
+_PARALLEL_MIN = 4096
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    value = sch.get(loop).extent
+    return int(value) if isinstance(value, tirx.IntImm) else -1
+
+
+def _iter_kinds(sch: s_tir.Schedule, block) -> str:
+    kinds = []
+    for iv in sch.get(block).iter_vars:
+        kinds.append("S" if iv.iter_type == tirx.IterVar.DataPar else "R")
+    return "".join(kinds)
+
+
+def _inline_producers(sch: s_tir.Schedule, blocks: list) -> list:
+    """Inline every block but the last that can be; returns the blocks left."""
+    left = []
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except Exception:  # the primitive refused this block
+            left.append(block)
+    return left + blocks[-1:]
+
+
+def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, cores: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    total = _extent(sch, fused)
+    if total <= 0:
+        return
+    vec = lanes if total % lanes == 0 else (lanes // 2 if total % max(lanes // 2, 1) == 0 else 1)
+    if vec > 1:
+        outer, inner = sch.split(fused, [None, vec])
+        sch.vectorize(inner)
+    else:
+        outer = fused
+    if total >= _PARALLEL_MIN and cores > 1:
+        sch.parallel(outer)
+
+
+class Injective(dl.cpu.base.CPUScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+            if not blocks or any("R" in _iter_kinds(sch, b) for b in blocks):
+                return None
+            lanes, cores = vector_lanes(target), num_cores(target)
+            for block in _inline_producers(sch, blocks):
+                parallel_vectorize(sch, block, lanes, cores)
+            return sch
+        except Exception:  # the primitive refused this block
+            return None
+
+
+class SpatialReduction(dl.cpu.base.CPUScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self._apply(func, target)
+        except Exception:  # the primitive refused this block
+            return None
+
+    def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        blocks = _inline_producers(sch, list(sch.get_child_blocks(sch.get_sblock("root"))))
+        reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+        if len(reductions) != 1:
+            return None
+        red = reductions[0]
+        kinds = _iter_kinds(sch, red)
+        loops = sch.get_loops(red)
+        if len(loops) != len(kinds) or not kinds.startswith("S") or kinds.index("R") == 0:
+            return None
+        spatial = [l for l, k in zip(loops, kinds) if k == "S"]
+        reduce = [l for l, k in zip(loops, kinds) if k == "R"]
+        lanes, cores = vector_lanes(target), num_cores(target)
+        inner = spatial[-1]
+        vectorize = 1 < _extent(sch, inner) <= 4 * lanes and len(spatial) > 1
+        outer_spatial = spatial[:-1] if vectorize else spatial
+        sch.reorder(*outer_spatial, *reduce, *([inner] if vectorize else []))
+        outer = sch.fuse(*outer_spatial) if len(outer_spatial) > 1 else outer_spatial[0]
+        names = [sch.get(b).name_hint for b in blocks]
+        for block in blocks[names.index(sch.get(red).name_hint) + 1:]:
+            try:
+                sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
+                last = sch.get_loops(block)[-1]
+                if _extent(sch, last) > 1:
+                    sch.vectorize(last)
+            except Exception:  # the primitive refused this block
+                parallel_vectorize(sch, block, lanes, cores)
+        if cores > 1 and _extent(sch, outer) > 1:
+            sch.parallel(outer)
+        init = sch.decompose_reduction(red, reduce[0])
+        if vectorize:
+            sch.vectorize(inner)
+            sch.vectorize(sch.get_loops(init)[-1])
+        return sch

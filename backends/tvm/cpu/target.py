@@ -1,0 +1,51 @@
+"""What a schedule needs to know about a CPU target."""
+from __future__ import annotations
+
+import functools
+
+import tvm
+
+
+def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
+    """Elements of ``dtype_bits`` in one vector register of ``target``: 16 fp32
+    on AVX-512, 8 on AVX/AVX2, 4 on SSE, NEON and the rest."""
+    return max(1, vector_bits(target) // dtype_bits)
+
+
+def vector_bits(target: tvm.target.Target) -> int:
+    # LLVM's own answer (llvm_get_vector_width) reports the host's width for
+    # any x86 CPU name, so the width is read off the CPU's features instead.
+    features = cpu_features(target)
+    if "avx512f" in features:
+        return 512
+    if "avx" in features:
+        return 256
+    return 128
+
+
+def cpu_features(target: tvm.target.Target) -> frozenset[str]:
+    """The features LLVM enables for the target's CPU, with ``mattr`` applied."""
+    attrs = target.attrs
+    return _features(str(attrs.get("mtriple", "")), str(attrs.get("mcpu", "")),
+                     tuple(str(a) for a in attrs.get("mattr", []) or []))
+
+
+@functools.lru_cache(maxsize=32)
+def _features(mtriple: str, mcpu: str, mattr: tuple[str, ...]) -> frozenset[str]:
+    from tvm.target import codegen
+
+    config = {"kind": "llvm", **({"mtriple": mtriple} if mtriple else {}), **({"mcpu": mcpu} if mcpu else {})}
+    try:
+        found = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(config))}
+    except Exception:
+        found = set()
+    for attr in mattr:
+        if attr[:1] == "+":
+            found.add(attr[1:])
+        elif attr[:1] == "-":
+            found.discard(attr[1:])
+    return frozenset(found)
+
+
+def num_cores(target: tvm.target.Target) -> int:
+    return max(1, int(target.attrs.get("num-cores", 1) or 1))

@@ -1,0 +1,115 @@
+"""graphopt's CPU schedule library (backends/tvm/cpu): blocked convolutions,
+injective and spatial-reduction kernels, against onnxruntime's numbers."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
+
+from backends.tvm import schedule  # noqa: E402
+from backends.tvm.cpu import conv2d, layout  # noqa: E402
+from backends.tvm.cpu.target import vector_lanes  # noqa: E402
+from backends.tvm.targets import host_llvm  # noqa: E402
+
+F = np.float32
+
+
+def _model(nodes, x_shape, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _cnn(rng) -> onnx.ModelProto:
+    """An RGB stem, a strided 3x3, a depthwise 3x3, a 1x1 with a residual add,
+    a grouped conv (left to TVM), max pooling and global average pooling."""
+    w = lambda *s: (rng.standard_normal(s) * 0.2).astype(F)  # noqa: E731
+    inits = {"w0": w(32, 3, 3, 3), "b0": w(32), "w1": w(32, 32, 3, 3), "wd": w(32, 1, 3, 3), "w2": w(32, 32, 1, 1),
+             "b2": w(32), "wg": w(32, 8, 3, 3), "w3": w(24, 32, 1, 1)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["c1", "wd"], ["d"], pads=[1, 1, 1, 1], group=32),
+        helper.make_node("HardSwish", ["d"], ["hd"]),
+        helper.make_node("Conv", ["hd", "w2", "b2"], ["c2"]),
+        helper.make_node("Add", ["c2", "c1"], ["s"]),
+        helper.make_node("Conv", ["s", "wg"], ["g"], pads=[1, 1, 1, 1], group=4),
+        helper.make_node("MaxPool", ["g"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "w3"], ["c3"]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["y"]),
+    ]
+    return _model(nodes, [1, 3, 30, 30], inits)
+
+
+def _build(model: onnx.ModelProto, shape):
+    target = tvm.target.Target(host_llvm())
+    mod = from_onnx(model, shape_dict={"x": shape})
+    return schedule.build(mod, target, progress=False), target
+
+
+def test_blocked_cnn_matches_onnxruntime():
+    rng = np.random.default_rng(0)
+    model = _cnn(rng)
+    x = rng.standard_normal((1, 3, 30, 30)).astype(F)
+    ex, _ = _build(model, [1, 3, 30, 30])
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_convolutions_get_blocked_kernels_and_schedules():
+    """Every convolution but the grouped one becomes graphopt's blocked compute,
+    and every kernel of the module is scheduled (none is a plain loop nest)."""
+    rng = np.random.default_rng(0)
+    target = tvm.target.Target(host_llvm())
+    mod = schedule.bind_params(from_onnx(_cnn(rng), shape_dict={"x": [1, 3, 30, 30]}))
+    kernels = schedule.lower_to_kernels(mod, schedule._normalized_target(target))
+    names = [gv.name_hint for gv, f in kernels.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    blocked = [n for n in names if conv2d.DENSE in n or conv2d.DEPTHWISE in n]
+    assert sum(conv2d.DEPTHWISE in n for n in blocked) == 1
+    assert len(blocked) == 5  # stem, strided, depthwise, 1x1, last 1x1; not the grouped one
+    scheduled = schedule.default_schedule(kernels, schedule._normalized_target(target))
+    unscheduled = [gv.name_hint for gv, f in scheduled.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_scheduled"))]
+    assert [n for n in unscheduled if conv2d.DENSE in n or conv2d.DEPTHWISE in n] == []
+
+
+@pytest.mark.parametrize("channels, lanes, block", [(64, 16, 16), (24, 16, 8), (40, 8, 8), (12, 16, 4), (6, 16, None)])
+def test_block_size_follows_the_vector_lanes(channels, lanes, block):
+    assert layout.block_size(channels, lanes) == block
+
+
+def test_stem_blocks_all_its_input_channels():
+    assert layout.input_block(3, 16) == 3
+    assert layout.input_block(64, 16) == 16
+    assert layout.input_block(40, 16) == 8
+
+
+@pytest.mark.parametrize("target, lanes", [
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}, 16),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}, 8),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512", "mattr": ["-avx512f"]}, 8),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 4),
+])
+def test_vector_lanes_come_from_the_target_not_the_host(target, lanes):
+    assert vector_lanes(tvm.target.Target(target)) == lanes
+
+
+def test_one_row_softmax_is_not_slowed_by_a_parallel_schedule():
+    """DLight's CPU reduction rule parallelized a 1-row softmax into a 2 ms
+    kernel; graphopt leaves such a kernel to the generic rules."""
+    from tvm import te, topi
+
+    x = te.placeholder((1, 1000), name="x")
+    func = te.create_prim_func([x, topi.nn.softmax(x, 1)])
+    target = schedule._normalized_target(tvm.target.Target(host_llvm()))
+    mod = schedule.default_schedule(tvm.IRModule({"main": func}), target)
+    assert "parallel" not in mod["main"].script()
