@@ -1,7 +1,7 @@
 """aarch64 TVM artifacts run under qemu-user, checked against onnxruntime.
 
 Each model is compiled on this (x86-64) machine with ``graphopt compile
---target aarch64`` (TVM, linked by Debian's aarch64-linux-gnu-gcc), then run
+--target aarch64`` (TVM, linked by aarch64-linux-gnu-gcc, else zig cc), then run
 by the aarch64 TVM runtime in an arm64 Debian userland under ``qemu-aarch64``
 (tests/aarch64_guest.py: the userland, its set-up, running artifacts in it;
 shared with the tests).  The outputs come back as a .npz and are compared

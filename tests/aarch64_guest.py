@@ -123,9 +123,13 @@ def find_qemu() -> str | None:
 
 
 def ensure_tools() -> str:
-    """qemu-aarch64's path; qemu-user, debootstrap and the cross compiler installed when missing."""
-    missing = [pkg for tool, pkg in (("debootstrap", "debootstrap"), ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"))
-               if shutil.which(tool) is None]
+    """qemu-aarch64's path; qemu-user and debootstrap installed when missing, and the
+    GNU cross compiler only when no linker for aarch64 (zig from the ziglang wheel) is there."""
+    from backends.tvm.targets import find_linker
+
+    missing = ["debootstrap"] if shutil.which("debootstrap") is None else []
+    if find_linker("aarch64") is None:
+        missing.append("gcc-aarch64-linux-gnu")
     if find_qemu() is None:
         missing.insert(0, "qemu-user")
     if missing:

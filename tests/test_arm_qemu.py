@@ -3,7 +3,8 @@
 (tests/aarch64_guest.py, the harness of benchmarks/arm_qemu.py), compared
 with onnxruntime on the host.
 
-The slow test needs qemu-aarch64, aarch64-linux-gnu-gcc and the arm64 root
+The slow test needs qemu-aarch64, a linker for aarch64 (GNU, or zig from the
+ziglang wheel the test extra installs) and the arm64 root
 that ``python benchmarks/arm_qemu.py --setup-only`` builds; it is skipped,
 with the missing piece named, where any of them is absent.  The fast tests
 check how a missing or stale root is reported.
@@ -11,7 +12,6 @@ check how a missing or stale root is reported.
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -58,8 +58,10 @@ def aarch64_artifact(tmp_path_factory):
     qemu = guest.find_qemu()
     if qemu is None:
         pytest.skip("qemu-aarch64 not installed (Debian: apt-get install qemu-user)")
-    if shutil.which("aarch64-linux-gnu-gcc") is None:
-        pytest.skip("aarch64-linux-gnu-gcc not installed (Debian: apt-get install gcc-aarch64-linux-gnu)")
+    from backends.tvm.targets import find_linker, missing_linker
+
+    if find_linker("aarch64") is None:
+        pytest.skip(missing_linker("aarch64"))
     root, why = guest.root_ready()
     if root is None:
         pytest.skip(why)
@@ -85,7 +87,8 @@ def check_against_onnxruntime(got: dict[str, np.ndarray], x: np.ndarray) -> None
 def test_conv_relu_runs_on_aarch64_under_qemu(aarch64_artifact):
     qemu, root, out = aarch64_artifact
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"]["arch"] == "aarch64" and manifest["target"]["cc"] == "aarch64-linux-gnu-gcc"
+    assert manifest["target"]["arch"] == "aarch64" and manifest["target"]["cc"] in (
+        "aarch64-linux-gnu-gcc", "zig cc -target aarch64-linux-gnu")
     header = (out / manifest["files"]["library"]).read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == ELF_MACHINE_AARCH64
 

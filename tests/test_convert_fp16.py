@@ -140,9 +140,6 @@ def test_keep_cpu_fallbacks_runs_and_matches():
 
 
 @pytest.mark.skipif(not X86, reason="onnxruntime's x86 CPU provider has no float16 Gemm")
-@pytest.mark.xfail(strict=True, reason="keep-cpu-fallbacks maps onnxruntime's names back to the input model's, "
-                   "and a node writing a graph output computes 'y_fp16', a name only the converted model has: "
-                   "the Gemm stays float16 and onnxruntime still casts around it")
 def test_keep_cpu_fallbacks_covers_the_node_writing_a_graph_output():
     _, _, kept = apply(mlp(), "convert-fp16{keep-cpu-fallbacks=true}")
     assert probe_cpu_fallbacks(kept) == set()

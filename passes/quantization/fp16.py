@@ -259,7 +259,12 @@ class ConvertFp16(Pass):
                 raise PassError(f"pass 'convert-fp16': onnxruntime cannot load the float16 model: "
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
             tensors = model.graph.tensors()
-            keep_outputs = {name for name in fallback if name in tensors}
+            # A node writing a graph output computes '<output>_fp16' in the trial,
+            # a name only the trial has: map it back through the Cast to the output.
+            outputs = {t.name for t in trial.graph.outputs}
+            back = {n.inputs[0].name: n.outputs[0].name for n in trial.graph.nodes
+                    if n.op == "Cast" and n.outputs and n.outputs[0].name in outputs and n.inputs}
+            keep_outputs = {back.get(name, name) for name in fallback} & set(tensors)
             added = {id(tensors[name].inputs[0]) for name in keep_outputs if tensors[name].inputs}
             if added:
                 notes.append(f"{len(added)} node(s) kept in float32: no float16 kernel on onnxruntime CPU")
