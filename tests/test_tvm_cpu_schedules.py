@@ -90,7 +90,14 @@ def test_block_size_follows_the_vector_lanes(channels, lanes, block):
 def test_stem_blocks_all_its_input_channels():
     assert layout.input_block(3, 16) == 3
     assert layout.input_block(64, 16) == 16
-    assert layout.input_block(40, 16) == 8
+    assert layout.input_block(40, 16) == 10
+    assert layout.input_block(18, 16) == 9  # a reduction axis: any divisor, no padding
+
+
+@pytest.mark.parametrize("channels,lanes,expected", [(64, 16, (16, 64)), (24, 16, (16, 32)), (18, 16, (16, 32)),
+                                                     (42, 16, (16, 48)), (6, 16, (8, 8)), (10, 8, (8, 16))])
+def test_odd_output_channels_are_padded_to_whole_vectors(channels, lanes, expected):
+    assert layout.output_block(channels, lanes) == expected
 
 
 @pytest.mark.parametrize("target, lanes", [
@@ -113,3 +120,50 @@ def test_one_row_softmax_is_not_slowed_by_a_parallel_schedule():
     target = schedule._normalized_target(tvm.target.Target(host_llvm()))
     mod = schedule.default_schedule(tvm.IRModule({"main": func}), target)
     assert "parallel" not in mod["main"].script()
+
+
+def test_matmul_with_epilogue_is_tiled_and_matches_onnxruntime():
+    """A transformer-shaped projection (bias and Relu fused) and a batched
+    attention product, both through the register-tiled matmul rule."""
+    rng = np.random.default_rng(1)
+    inits = {"w": (rng.standard_normal((120, 360)) * 0.1).astype(F), "b": rng.standard_normal(360).astype(F)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["q"]),
+             helper.make_node("Transpose", ["q"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["y"])]
+    inits["shape"] = np.array([6, 40, 60], np.int64)
+    model = _model(nodes, [1, 40, 120], inits)
+    x = rng.standard_normal((1, 40, 120)).astype(F)
+    ex, _ = _build(model, [1, 40, 120])
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    target = schedule._normalized_target(tvm.target.Target(host_llvm()))
+    kernels = schedule.lower_to_kernels(schedule.bind_params(from_onnx(model, shape_dict={"x": [1, 40, 120]})), target)
+    scheduled = schedule.default_schedule(kernels, target)
+    matmuls = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
+    assert matmuls and all(f.attrs.get("tirx.is_scheduled") and "parallel" in f.script() for f in matmuls)
+
+
+@pytest.mark.parametrize("kernel,strides,pads,output_padding,dilations", [
+    ((2, 2), (2, 2), (0, 0, 0, 0), (0, 0), (1, 1)),  # DBNet's upsampling head
+    ((3, 3), (2, 2), (1, 1, 1, 1), (1, 1), (1, 1)),
+    ((4, 4), (2, 2), (1, 1, 1, 1), (0, 0), (1, 1)),
+    ((3, 2), (1, 2), (0, 1, 2, 0), (0, 1), (2, 1)),
+])
+def test_transposed_convolution_becomes_a_blocked_convolution(kernel, strides, pads, output_padding, dilations):
+    rng = np.random.default_rng(1)
+    inits = {"w": rng.standard_normal((8, 5, *kernel)).astype(F), "b": rng.standard_normal(5).astype(F)}
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["c"], strides=list(strides), pads=list(pads),
+                            output_padding=list(output_padding), dilations=list(dilations))
+    model = _model([node, helper.make_node("Relu", ["c"], ["y"])], [1, 8, 7, 9], inits)
+    target = schedule._normalized_target(tvm.target.Target(host_llvm()))
+    kernels = schedule.lower_to_kernels(schedule.bind_params(from_onnx(model, shape_dict={"x": [1, 8, 7, 9]})), target)
+    names = [gv.name_hint for gv, f in kernels.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any(conv2d.DENSE in n for n in names) and not any("transpose" in n and "conv" in n for n in names)
+    x = rng.standard_normal((1, 8, 7, 9)).astype(F)
+    ex, _ = _build(model, [1, 8, 7, 9])
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -136,12 +136,12 @@ def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     legalized to graphopt's blocked compute (backends.tvm.cpu)."""
     cpu = target.kind.name == "llvm"
     if cpu:
-        from backends.tvm.cpu import conv2d, layout, vector_lanes
+        from backends.tvm.cpu import conv2d, deconv, layout, vector_lanes
 
         with target, tvm.transform.PassContext(opt_level=3):
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                             relax.transform.CanonicalizeBindings()])(mod)
-        mod = layout.plan(mod, vector_lanes(target))
+        mod = layout.plan(deconv.rewrite(mod), vector_lanes(target))
     legalize = {"relax.nn.conv2d": conv2d.legalize_conv2d} if cpu else None
     passes = [
         relax.transform.DecomposeOpsForInference(),
@@ -215,12 +215,13 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         return mod
     from tvm.s_tir import dlight as dl
 
-    from backends.tvm.cpu import conv2d, generic
+    from backends.tvm.cpu import conv2d, generic, matmul
 
     with target:
         return dl.ApplyDefaultSchedule(
             conv2d.BlockedConv2D(),
             dl.cpu.GEMV(),
+            matmul.Matmul(),
             # Not dl.cpu.Reduction: it makes a 1000-class softmax 1000x slower
             # (2.3 ms against 2.5 us unscheduled on a 2-core x86).
             generic.SpatialReduction(),

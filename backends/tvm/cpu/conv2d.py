@@ -23,7 +23,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import dlight as dl
 
-from backends.tvm.cpu.target import vector_lanes
+from backends.tvm.cpu.target import vector_registers
 
 DENSE = "conv2d_nchwc"
 DEPTHWISE = "depthwise_conv2d_nchwc"
@@ -151,12 +151,23 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 def column_tile(width: int, limit: int = 14) -> int:
     """Output columns per register tile: the largest divisor of ``width`` up to
-    ``limit`` (accumulators plus a broadcast and a weight register fit in the
-    32 vector registers of AVX-512 and NEON), else ``limit`` with a tail."""
+    ``limit`` (so no column is left for a tail), else ``limit`` with a tail."""
     for t in range(min(limit, width), 0, -1):
         if width % t == 0 and t >= max(2, min(limit, width) // 2):
             return t
     return min(limit, width)
+
+
+def register_tile(width: int, channel_blocks: int, registers: int) -> tuple[int, int]:
+    """(columns, channel vectors) of the register tile.  Each step of the
+    reduction loads one weight vector per channel vector and broadcasts one
+    input value per column, then issues columns x vectors FMAs: two vectors
+    need 2 + columns loads for 2 x columns FMAs, which keeps the FMA units
+    busy where one vector is bound by its loads.  Accumulators, the weight
+    vectors and a broadcast must fit the vector registers."""
+    vectors = 2 if channel_blocks % 2 == 0 else 1
+    limit = min(14, (registers - vectors - 1) // vectors)
+    return column_tile(width, limit), vectors
 
 
 class BlockedConv2D(dl.cpu.base.CPUScheduleRule if hasattr(dl, "cpu") else dl.ScheduleRule):
@@ -190,25 +201,26 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
 
 
 def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
-    lanes = vector_lanes(target)
     loops = sch.get_loops(conv)
     n, oc, oh, ow, oc_inner = loops[:5]
     reduction = loops[5:]
-    tile = column_tile(_extent(sch, ow), 14 if lanes >= 16 else 8)
-    ow_outer, ow_inner = sch.split(ow, [None, tile])
-    sch.reorder(n, oc, oh, ow_outer, *reduction, ow_inner, oc_inner)
+    columns, vectors = register_tile(_extent(sch, ow), _extent(sch, oc), vector_registers(target))
+    oc_outer, oc_tile = sch.split(oc, [None, vectors])
+    ow_outer, ow_tile = sch.split(ow, [None, columns])
+    sch.reorder(n, oc_outer, oh, ow_outer, *reduction, ow_tile, oc_tile, oc_inner)
     # The tile accumulates in a local buffer the compiler keeps in registers.
     acc = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(acc, ow_outer, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(acc)[-1])
-    sch.unroll(ow_inner)
+    sch.unroll(oc_tile)
+    sch.unroll(ow_tile)
     sch.vectorize(oc_inner)
-    rows = sch.fuse(n, oc, oh)
+    rows = sch.fuse(n, oc_outer, oh)
     # The blocked, zero-padded copy of the input is made in parallel up front.
     _parallel_vectorized(sch, sch.get_sblock(PACK))
     # Unblocking and the fused epilogue (bias, activation, residual add) run
     # per output row, right after it, while it is in cache.
-    for block in _blocks_after(sch, conv, skip=acc):
+    for block in _inline_chain(sch, _blocks_after(sch, conv, skip=acc)):
         try:
             sch.reverse_compute_at(block, rows, preserve_unit_loops=True)
             inner = sch.get_loops(block)[-1]
@@ -219,6 +231,19 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
     sch.parallel(rows)
     init = sch.decompose_reduction(conv, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _inline_chain(sch: s_tir.Schedule, blocks: list) -> list:
+    """Inline every elementwise step of the epilogue into its consumer, so the
+    chain (unblocking, bias, activation, residual add) makes one pass over the
+    output instead of one buffer each; returns the blocks left."""
+    left = []
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except Exception:  # an output, or not inlinable: keep it as a step
+            left.append(block)
+    return left + blocks[-1:]
 
 
 def _blocks_after(sch: s_tir.Schedule, block, skip) -> list:

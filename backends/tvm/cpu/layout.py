@@ -1,9 +1,11 @@
 """Layout planning at the Relax level: convolution weights packed for NCHW[b]c.
 
-Each NCHW ``relax.nn.conv2d`` whose output channels are a multiple of ``b``
-(the target's fp32 vector lanes, else a smaller power of two down to 4) gets
-its weight packed to OIHW[i]i[b]o (``i`` = ``b`` where it divides the input
-channels, all of them for an RGB stem; depthwise: OIHW1i[b]o) by a
+Each dense NCHW ``relax.nn.conv2d`` gets its weight packed to OIHW[i]i[b]o,
+``b`` the target's fp32 vector lanes or a smaller power of two (>= 4) that
+divides the output channels, else whole vectors with the last one
+zero-padded and sliced off (``i`` = ``b`` where it divides the input
+channels, else their largest divisor up to ``b``: all of them for an RGB
+stem); a depthwise one whose channels ``b`` divides gets OIHW1i[b]o; by a
 ``layout_transform`` of the constant, which ``FoldConstant`` evaluates at
 compile time.  Activations stay NCHW between kernels: the convolution's
 kernel blocks its input in the copy that zero-padding makes anyway and
@@ -33,30 +35,37 @@ def block_size(channels: int, lanes: int) -> int | None:
     return None
 
 
-def input_block(in_channels: int, out_block: int) -> int | None:
+def output_block(channels: int, lanes: int) -> tuple[int, int]:
+    """(block, padded channels) of a dense convolution's output: whole vectors
+    of ``lanes`` (fewer, a power of two >= 4, when the channels are fewer), the
+    last one zero-padded.  The inner loop issues one FMA per vector of output
+    channels, whatever its width, so 24 channels take 2 vectors of 16 (one a
+    third padding), not 3 of 8."""
+    b = max(4, min(lanes, 1 << (channels - 1).bit_length()))
+    return b, -(-channels // b) * b
+
+
+def input_block(in_channels: int, out_block: int) -> int:
     """The input-channel block of a dense convolution: the output block where it
-    divides the input channels; all of them for a stem with a few (RGB: 3)."""
+    divides the input channels, else the largest divisor up to it (all of them
+    for an RGB stem).  It is a reduction axis, so it needs no padding."""
     if in_channels % out_block == 0:
         return out_block
-    if in_channels <= out_block:
-        return in_channels
-    return block_size(in_channels, out_block)
+    return max(d for d in range(1, min(in_channels, out_block) + 1) if in_channels % d == 0)
 
 
 def plan(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     """Every function of ``mod`` with its convolutions blocked (see the module doc)."""
-    out = mod
+    return map_functions(mod, lambda: _BlockConvolutions(mod, lanes))
+
+
+def map_functions(mod: tvm.IRModule, make_mutator) -> tvm.IRModule:
+    """``mod`` with each Relax function rewritten by a fresh ``make_mutator()``."""
+    out = tvm.IRModule({g: f for g, f in mod.functions_items()}, attrs=mod.attrs)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            rewritten = _BlockConvolutions(mod, lanes).visit_expr(func)
-            out = out.with_function(gv, rewritten) if hasattr(out, "with_function") else _replace(out, gv, rewritten)
+            out[gv] = make_mutator().visit_expr(func)
     return out
-
-
-def _replace(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, func: relax.Function) -> tvm.IRModule:
-    updated = tvm.IRModule({g: f for g, f in mod.functions_items()}, attrs=mod.attrs)
-    updated[gv] = func
-    return updated
 
 
 @mutator
@@ -83,21 +92,29 @@ class _BlockConvolutions(PyExprMutator):
         depthwise = groups == channels == out_channels and int(wshape[1]) == 1
         if groups != 1 and not depthwise:
             return call
-        b = block_size(out_channels, self.lanes)
-        ib = 1 if depthwise else (input_block(channels, b) if b else None)
-        if b is None or ib is None:
-            return call
         if depthwise:
-            kernel_layout = f"OIHW1i{b}o"
+            b = block_size(out_channels, self.lanes)
+            if b is None:
+                return call
             kh, kw = int(wshape[2]), int(wshape[3])
             packed = relax.op.reshape(relax.op.permute_dims(
                 relax.op.reshape(weight, (out_channels // b, b, kh, kw)), [0, 2, 3, 1]),
                 (out_channels // b, 1, kh, kw, 1, b))
-        else:
-            kernel_layout = f"OIHW{ib}i{b}o"
-            packed = relax.op.layout_transform(
-                weight, index_map=lambda o, i, h, w: (o // b, i // ib, h, w, i % ib, o % b))
+            return self._conv(call, data, packed, f"OIHW1i{b}o")
+        b, padded = output_block(out_channels, self.lanes)
+        ib = input_block(channels, b)
+        if padded != out_channels:
+            weight = self.builder_.emit(relax.op.nn.pad(weight, [0, padded - out_channels, 0, 0, 0, 0, 0, 0]))
+        packed = relax.op.layout_transform(
+            weight, index_map=lambda o, i, h, w: (o // b, i // ib, h, w, i % ib, o % b))
+        conv = self._conv(call, data, packed, f"OIHW{ib}i{b}o")
+        if padded == out_channels:
+            return conv
+        return relax.op.strided_slice(self.builder_.emit(conv), axes=[1], begin=[0], end=[out_channels])
+
+    def _conv(self, call: relax.Call, data: relax.Expr, packed: relax.Expr, kernel_layout: str) -> relax.Call:
+        attrs = call.attrs
         return relax.op.nn.conv2d(
             data, self.builder_.emit(packed), strides=attrs.strides, padding=attrs.padding,
-            dilation=attrs.dilation, groups=groups, data_layout="NCHW", kernel_layout=kernel_layout,
+            dilation=attrs.dilation, groups=attrs.groups, data_layout="NCHW", kernel_layout=kernel_layout,
             out_layout="NCHW", out_dtype=attrs.out_dtype)

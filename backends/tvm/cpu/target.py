@@ -47,5 +47,20 @@ def _features(mtriple: str, mcpu: str, mattr: tuple[str, ...]) -> frozenset[str]
     return frozenset(found)
 
 
+def vector_registers(target: tvm.target.Target) -> int:
+    """Architectural vector registers: 32 on AVX-512 and AArch64, 16 on x86
+    without AVX-512 and on 32-bit ARM (NEON's q registers)."""
+    if "avx512f" in cpu_features(target):
+        return 32
+    triple = str(target.attrs.get("mtriple", "")) or _host_triple()
+    return 32 if triple.startswith(("aarch64", "arm64", "riscv")) else 16
+
+
+def _host_triple() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_triple())
+
+
 def num_cores(target: tvm.target.Target) -> int:
     return max(1, int(target.attrs.get("num-cores", 1) or 1))

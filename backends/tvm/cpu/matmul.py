@@ -1,0 +1,82 @@
+"""Register-tiled matrix multiplication (MatMul, Gemm, batched attention products).
+
+One reduction block whose loops are spatial ones and then one reduction,
+``out[..., i, j] += a[..., i, k] * b[..., k, j]``: a tile of ``tile_i`` rows by
+``tile_j`` columns (whole vectors) accumulates in registers while ``k`` runs
+outside it, so each step is ``tile_i`` broadcasts of ``a`` times the vectors
+of ``b``'s row; tiles spread over the cores; the fused epilogue (bias,
+activation) runs per tile.  Constant right-hand sides arrive as ``[k, j]``
+(the frontend's transposes of constants fold at compile time).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+
+from backends.tvm.cpu.generic import _extent, _inline_producers, _iter_kinds, parallel_vectorize
+from backends.tvm.cpu.target import num_cores, vector_lanes
+
+# Fewer multiply-adds than this are left to the generic rules: tiling does not pay.
+_MIN_MACS = 1 << 15
+
+
+def _divisor_tile(extent: int, candidates: list[int]) -> int:
+    return next((c for c in candidates if c <= extent and extent % c == 0), 1)
+
+
+class Matmul(dl.cpu.base.CPUScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self._apply(func, target)
+        except Exception:  # a schedule primitive refused: fall back to the next rule
+            return None
+
+    def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        blocks = _inline_producers(sch, list(sch.get_child_blocks(sch.get_sblock("root"))))
+        reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+        if len(reductions) != 1:
+            return None
+        mm = reductions[0]
+        kinds = _iter_kinds(sch, mm)
+        loops = sch.get_loops(mm)
+        if len(loops) != len(kinds) or len(kinds) < 3 or kinds != "S" * (len(kinds) - 1) + "R":
+            return None
+        *batch, i, j, k = loops
+        m, n, depth = _extent(sch, i), _extent(sch, j), _extent(sch, k)
+        if min(m, n, depth) <= 0 or m * n * depth < _MIN_MACS:
+            return None
+        lanes, cores = vector_lanes(target), num_cores(target)
+        tile_j = _divisor_tile(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
+        if tile_j < 4:
+            return None
+        tile_i = _divisor_tile(m, [6, 5, 4, 8, 3, 2])
+        io, ii = sch.split(i, [None, tile_i])
+        jo, ji = sch.split(j, [None, tile_j])
+        sch.reorder(*batch, io, jo, k, ii, ji)
+        acc = sch.cache_write(mm, 0, "local")
+        sch.reverse_compute_at(acc, jo, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        sch.unroll(ii)
+        sch.vectorize(ji)
+        outer = sch.fuse(*batch, io, jo)
+        names = [sch.get(b).name_hint for b in blocks]
+        skipped = sch.get(acc).name_hint
+        for block in blocks[names.index(sch.get(mm).name_hint) + 1:]:
+            if sch.get(block).name_hint == skipped:
+                continue
+            try:
+                sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
+                last = sch.get_loops(block)[-1]
+                if _extent(sch, last) > 1:
+                    sch.vectorize(last)
+            except Exception:  # the primitive refused this block
+                parallel_vectorize(sch, block, lanes, cores)
+        if cores > 1 and _extent(sch, outer) > 1:
+            sch.parallel(outer)
+        init = sch.decompose_reduction(mm, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch
