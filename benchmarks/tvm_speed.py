@@ -1,19 +1,29 @@
-"""Latency of TVM builds (untuned, tuned) against onnxruntime on the host CPU.
+"""Latency of TVM artifacts (default schedules, tuned) against onnxruntime on the host CPU.
 
-    python benchmarks/tvm_speed.py [--models resnet50,ppocr_rec,squeezenet]
-                                   [--trials 0] [--db tvm-tune-db] [--repeat 30]
+    python benchmarks/tvm_speed.py [--models squeezenet,resnet50,ppocr_det,ppocr_rec,ppocr_cls]
+                                   [--trials 0] [--db tvm-tune-db] [--repeat 30] [--threads 2]
 
-For each model: one onnxruntime session (all graph optimizations), the untuned
-TVM build, and, with ``--trials N``, a build tuned with N MetaSchedule trials
-into the JSON database ``--db`` (reused between runs, so a second run tunes
-nothing).  The runners are timed interleaved, one call each per round after a
-warm-up, and the medians are reported with their ratio to onnxruntime.
+Measured as users run it: each model is compiled with
+``graphopt compile MODEL --target x86_64 -o DIR`` in a subprocess (its wall
+time is the compile time), the artifact folder is loaded as ``graphopt run``
+loads it (``backends.artifact.load_runner``), and onnxruntime runs the same
+file with all graph optimizations and spinning off.  With ``--trials N`` a
+second artifact is tuned with N MetaSchedule trials into ``--db`` (reused
+between runs).  The runners are timed interleaved, one call each per round
+after a warm-up, and the medians are reported with their ratio to
+onnxruntime; the geometric mean of the ratios closes the table.  Light
+models get randomized weights (their constant fills would make every output
+equal), so the outputs are compared for real.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,59 +31,42 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import models  # noqa: E402
 
-
-def host_target(cores: int | None = None):
-    """The host CPU as a TVM 0.27 target dict (``-mcpu=native`` is refused)."""
-    import tvm
-    from tvm.target import codegen
-
-    from backends.tvm.schedule import _physical_cores
-
-    return tvm.target.Target(
-        {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": cores or _physical_cores()}
-    )
+DEFAULT_MODELS = "squeezenet,resnet50,ppocr_det,ppocr_rec,ppocr_cls"
 
 
-def ort_runner(path: Path, feed: dict[str, np.ndarray]):
+def ort_runner(path: Path, feed: dict[str, np.ndarray], threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return lambda: sess.run(None, feed)
 
 
-def tvm_runner(name: str, path: Path, feed: dict[str, np.ndarray], target, **build_kw):
-    import tvm
-    from tvm import relax
-
-    from backends.base import TensorSpec
-    from backends.tvm.frontend import import_onnx, prepare
-    from backends.tvm.schedule import build
-    from graphopt.ir import load
-
-    # The frontend needs shape computations folded: pin the inputs and simplify
-    # (exact passes), as the TVM backend does.
-    specs = [TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in feed.items()]
-    proto = prepare(load(path), specs)
-    mod = import_onnx(proto, specs)
+def compile_artifact(path: Path, name: str, out: Path, extra: list[str]) -> float:
+    """``graphopt compile`` as a user runs it; returns its wall time."""
+    cmd = [sys.executable, "-m", "graphopt.cli", "compile", str(path), "--target", "x86_64", "-o", str(out), "-q",
+           *models.shape_flags(name, path), *extra]
     t0 = time.perf_counter()
-    ex = build(mod, target, **build_kw)
-    build_s = time.perf_counter() - t0
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    args = [tvm.runtime.tensor(feed[i.name]) for i in proto.graph.input if i.name in feed]
-    return (lambda: vm["main"](*args)), build_s, vm, args
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: graphopt compile failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - t0
 
 
-def first_output(result) -> np.ndarray:
-    if isinstance(result, list):
-        return np.asarray(result[0])
-    if hasattr(result, "numpy"):
-        return result.numpy()
-    return first_output(result[0])
+def artifact_runner(folder: Path, feed: dict[str, np.ndarray]):
+    from backends.artifact import load_runner
+
+    runner = load_runner(folder)
+    arrays = runner.check_feeds(feed)
+    return lambda: list(runner.run_checked(arrays).values())
 
 
 def median_ms(runners: dict, repeat: int) -> dict[str, float]:
@@ -88,34 +81,60 @@ def median_ms(runners: dict, repeat: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def model_file(name: str, path: Path, work: Path) -> Path:
+    """The model to time: light models with seeded random weights written out."""
+    if name in models.OCR_KINDS:
+        return path
+    import onnx
+
+    from light_weights import randomize_light
+
+    out = work / f"{name}.onnx"
+    onnx.save(randomize_light(path), str(out))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet50,ppocr_rec,squeezenet")
-    ap.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per model (0: untuned only)")
+    ap.add_argument("--models", default=DEFAULT_MODELS)
+    ap.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per model (0: default schedules only)")
     ap.add_argument("--db", default="tvm-tune-db", help="JSON tuning database folder, reused between runs")
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (TVM uses the physical cores)")
     args = ap.parse_args()
 
-    target = host_target()
-    print(f"target: {target}")
-    print("| model | onnxruntime ms | TVM untuned ms (x ORT) | TVM tuned ms (x ORT) | max abs diff | build s |")
+    print(f"threads: onnxruntime {args.threads}, TVM {os.cpu_count()} logical cores (num-cores = physical)")
+    print("| model | onnxruntime ms | TVM default ms (x ORT) | TVM tuned ms (x ORT) | max rel diff | compile s |")
     print("|---|---|---|---|---|---|")
-    for name, path in models.select(args.models).items():
-        feed = models.sample_inputs(name, path)
-        runners = {"ort": ort_runner(path, feed)}
-        untuned, build_s, *_ = tvm_runner(name, path, feed, target, progress=False)
-        runners["untuned"] = untuned
-        builds = [f"{build_s:.0f}"]
-        if args.trials > 0:
-            tuned, tune_s, *_ = tvm_runner(name, path, feed, target, tune_trials=args.trials, tune_db=args.db)
-            runners["tuned"] = tuned
-            builds.append(f"{tune_s:.0f}")
-        ref = first_output(runners["ort"]())
-        diff = max(float(np.max(np.abs(first_output(fn()) - ref))) for k, fn in runners.items() if k != "ort")
-        ms = median_ms(runners, args.repeat)
-        cells = [f"{ms['ort']:.2f}", f"{ms['untuned']:.2f} ({ms['untuned'] / ms['ort']:.1f}x)"]
-        cells.append(f"{ms['tuned']:.2f} ({ms['tuned'] / ms['ort']:.2f}x)" if "tuned" in ms else "-")
-        print(f"| {name} | {' | '.join(cells)} | {diff:.2e} | {' / '.join(builds)} |", flush=True)
+    ratios: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="graphopt-tvm-speed-") as tmp:
+        work = Path(tmp)
+        for name, path in models.select(args.models).items():
+            path = model_file(name, path, work)
+            feed = models.sample_inputs(name, path)
+            compile_s = [compile_artifact(path, name, work / f"{name}.default", [])]
+            runners = {"ort": ort_runner(path, feed, args.threads),
+                       "default": artifact_runner(work / f"{name}.default", feed)}
+            if args.trials > 0:
+                compile_s.append(compile_artifact(path, name, work / f"{name}.tuned",
+                                                  ["--tune-trials", str(args.trials), "--tune-db", args.db]))
+                runners["tuned"] = artifact_runner(work / f"{name}.tuned", feed)
+            ref = [np.asarray(v) for v in runners["ort"]()]
+            diff = 0.0
+            for key, fn in runners.items():
+                if key != "ort":
+                    for got, want in zip(fn(), ref):
+                        scale = float(np.max(np.abs(want))) or 1.0
+                        diff = max(diff, float(np.max(np.abs(np.asarray(got) - want))) / scale)
+            ms = median_ms(runners, args.repeat)
+            ratios.append(ms["default"] / ms["ort"])
+            cells = [f"{ms['ort']:.2f}", f"{ms['default']:.2f} ({ms['default'] / ms['ort']:.2f}x)"]
+            cells.append(f"{ms['tuned']:.2f} ({ms['tuned'] / ms['ort']:.2f}x)" if "tuned" in ms else "-")
+            print(f"| {name} | {' | '.join(cells)} | {diff:.1e} | {' / '.join(f'{s:.0f}' for s in compile_s)} |",
+                  flush=True)
+    if ratios:
+        geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        print(f"\ngeomean TVM default / onnxruntime: {geomean:.2f}x; worst {max(ratios):.2f}x")
 
 
 if __name__ == "__main__":

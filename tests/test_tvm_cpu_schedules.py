@@ -13,7 +13,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
 from backends.tvm import schedule  # noqa: E402
-from backends.tvm.cpu import conv2d, layout  # noqa: E402
+from backends.tvm.cpu import conv2d, layout, matmul  # noqa: E402
 from backends.tvm.cpu.target import vector_lanes  # noqa: E402
 from backends.tvm.targets import host_llvm  # noqa: E402
 
@@ -167,3 +167,87 @@ def test_transposed_convolution_becomes_a_blocked_convolution(kernel, strides, p
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _kernels(model: onnx.ModelProto, shape) -> tuple[tvm.IRModule, tvm.target.Target]:
+    target = schedule._normalized_target(tvm.target.Target(host_llvm()))
+    return schedule.lower_to_kernels(schedule.bind_params(from_onnx(model, shape_dict={"x": shape})), target), target
+
+
+def _assert_matches_onnxruntime(model: onnx.ModelProto, x: np.ndarray, rtol=1e-4, atol=1e-4) -> None:
+    ex, _ = _build(model, list(x.shape))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def _blocked_chain(rng) -> onnx.ModelProto:
+    """Convolutions joined by what should stay blocked between them: Clip,
+    a squeeze-excite product, max pooling, a nearest upsampling, a residual
+    add and a channel concatenation; the last convolution has 5 channels."""
+    w = lambda *s: (rng.standard_normal(s) * 0.2).astype(F)  # noqa: E731
+    inits = {"w0": w(32, 3, 3, 3), "w1": w(32, 32, 3, 3), "ws": w(32, 32, 1, 1), "bs": w(32), "w2": w(32, 32, 1, 1),
+             "w3": w(5, 64, 3, 3), "scales": np.array([1, 1, 2, 2], F), "lo": np.array(0, F), "hi": np.array(6, F)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c0", "lo", "hi"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c1"], ["g"]),
+        helper.make_node("Conv", ["g", "ws", "bs"], ["gs"]),
+        helper.make_node("Sigmoid", ["gs"], ["e"]),
+        helper.make_node("Mul", ["c1", "e"], ["se"]),
+        helper.make_node("MaxPool", ["se"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "w2"], ["c2"]),
+        helper.make_node("Resize", ["c2", "", "scales"], ["u"], mode="nearest"),
+        helper.make_node("Add", ["u", "se"], ["s"]),
+        helper.make_node("Concat", ["s", "r0"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w3"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    return _model(nodes, [1, 3, 12, 14], inits)
+
+
+def test_a_chain_of_convolutions_stays_blocked_end_to_end():
+    """No layout transform of data between the convolutions: the stem packs its
+    RGB input itself and the 5-channel head writes NCHW; numbers match."""
+    rng = np.random.default_rng(2)
+    model = _blocked_chain(rng)
+    kernels, _ = _kernels(model, [1, 3, 12, 14])
+    names = [gv.name_hint for gv, f in kernels.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert [n for n in names if "layout_transform" in n] == []
+    assert sum(conv2d.DENSE in n for n in names) == 5
+    _assert_matches_onnxruntime(model, rng.standard_normal((1, 3, 12, 14)).astype(F))
+
+
+def test_an_operand_that_must_be_nchw_is_transformed_back_once():
+    """A Transpose cannot read the blocked layout: its operand is transformed
+    back once, and the convolution that also reads it stays blocked."""
+    rng = np.random.default_rng(3)
+    w = lambda *s: (rng.standard_normal(s) * 0.2).astype(F)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r"]),
+             helper.make_node("Conv", ["r", "w1"], ["c1"]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 1, 3, 2]),
+             helper.make_node("Transpose", ["t"], ["tt"], perm=[0, 1, 3, 2]),
+             helper.make_node("Add", ["c1", "tt"], ["y"])]
+    model = _model(nodes, [1, 4, 6, 6], {"w0": w(16, 4, 3, 3), "w1": w(16, 16, 1, 1)})
+    kernels, _ = _kernels(model, [1, 4, 6, 6])
+    names = [gv.name_hint for gv, f in kernels.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sum("layout_transform" in n for n in names) <= 2  # r back to NCHW; the sum, fused or not
+    _assert_matches_onnxruntime(model, rng.standard_normal((1, 4, 6, 6)).astype(F))
+
+
+@pytest.mark.parametrize("columns", [37, 6625 // 25])
+def test_matmul_columns_that_are_not_whole_vectors_are_padded(columns):
+    """A classifier with a prime number of classes still gets the tiled rule:
+    its weight is padded with zero columns at compile time."""
+    rng = np.random.default_rng(4)
+    inits = {"w": (rng.standard_normal((24, columns)) * 0.1).astype(F), "b": rng.standard_normal(columns).astype(F)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    model = _model(nodes, [1, 40, 24], inits)
+    kernels, target = _kernels(model, [1, 40, 24])
+    scheduled = schedule.default_schedule(kernels, target)
+    matmuls = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
+    assert matmuls and all("parallel" in f.script() and "vectorized" in f.script() for f in matmuls)
+    assert matmul.padded_columns(columns, 16) % 16 == 0
+    _assert_matches_onnxruntime(model, rng.standard_normal((1, 40, 24)).astype(F))

@@ -136,12 +136,14 @@ def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     legalized to graphopt's blocked compute (backends.tvm.cpu)."""
     cpu = target.kind.name == "llvm"
     if cpu:
-        from backends.tvm.cpu import conv2d, deconv, layout, vector_lanes
+        from backends.tvm.cpu import conv2d, deconv, layout, matmul, vector_lanes
 
         with target, tvm.transform.PassContext(opt_level=3):
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                            relax.transform.CanonicalizeBindings()])(mod)
-        mod = layout.plan(deconv.rewrite(mod), vector_lanes(target))
+                                            relax.transform.CanonicalizeBindings(),
+                                            relax.transform.FoldConstant()])(mod)
+        lanes = vector_lanes(target)
+        mod = matmul.pad_columns(layout.plan(deconv.rewrite(mod), lanes), lanes)
     legalize = {"relax.nn.conv2d": conv2d.legalize_conv2d} if cpu else None
     passes = [
         relax.transform.DecomposeOpsForInference(),

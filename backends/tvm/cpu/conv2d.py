@@ -48,10 +48,28 @@ def _blocked_input(data: te.Tensor, b: int, pad: tuple[int, int, int, int]) -> t
     return te.compute((n, c // b, h + top + bottom, w + left + right, b), value, name=PACK)
 
 
+def _padded(data: te.Tensor, pad: tuple[int, int, int, int]) -> te.Tensor:
+    """Blocked data [N, C/b, H, W, b] zero-padded in H and W (itself without padding)."""
+    top, left, bottom, right = pad
+    if not any(pad):
+        return data
+    n, cb, h, w, b = data.shape
+
+    def value(i, j, y, x, k):
+        inside = tirx.all(y >= top, y < h + top, x >= left, x < w + left)
+        return tirx.if_then_else(inside, data[i, j, y - top, x - left, k], tirx.const(0, data.dtype))
+
+    return te.compute((n, cb, h + top + bottom, w + left + right, b), value, name=PACK)
+
+
 def _unblocked(out: te.Tensor) -> te.Tensor:
     """[N, C/b, H, W, b] back to NCHW, computed at the register tile."""
     n, cb, h, w, b = out.shape
     return te.compute((n, cb * b, h, w), lambda i, c, y, x: out[i, c // b, y, x, c % b], name=UNPACK)
+
+
+def _source(data: te.Tensor, b: int, pad: tuple[int, int, int, int]) -> te.Tensor:
+    return _padded(data, pad) if len(data.shape) == 5 else _blocked_input(data, b, pad)
 
 
 def _out_size(size, kernel: int, stride: int, dilation: int, before: int, after: int) -> int:
@@ -59,7 +77,7 @@ def _out_size(size, kernel: int, stride: int, dilation: int, before: int, after:
 
 
 def _geometry(data: te.Tensor, kh: int, kw: int, strides, padding, dilation):
-    _, _, h, w = data.shape
+    h, w = data.shape[2], data.shape[3]
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilation)
     top, left, bottom, right = (int(p) for p in padding)
@@ -68,11 +86,13 @@ def _geometry(data: te.Tensor, kh: int, kw: int, strides, padding, dilation):
     return (sh, sw), (dh, dw), (top, left, bottom, right), oh, ow
 
 
-def conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation, out_dtype: str) -> te.Tensor:
-    """Dense convolution, NCHW in and out, computed blocked: weight [O/b, I/b, KH, KW, b, b]."""
+def conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation, out_dtype: str,
+                 out_blocked: bool = False) -> te.Tensor:
+    """Dense convolution computed blocked, weight [O/b, I/ib, KH, KW, ib, b]:
+    data NCHW or [N, C/ib, H, W, ib]; output NCHW or [N, O/b, OH, OW, b]."""
     oc_blocks, ic_blocks, kh, kw, ib, ob = (int(d) for d in weight.shape)
     (sh, sw), (dh, dw), pad, oh, ow = _geometry(data, kh, kw, strides, padding, dilation)
-    src = _blocked_input(data, ib, pad)
+    src = _source(data, ib, pad)
     rc = te.reduce_axis((0, ic_blocks), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -86,15 +106,16 @@ def conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation,
         ),
         name=DENSE,
     )
-    return _unblocked(out)
+    return out if out_blocked else _unblocked(out)
 
 
 def depthwise_conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation,
-                           out_dtype: str) -> te.Tensor:
-    """Depthwise convolution, NCHW in and out, computed blocked: weight [C/b, 1, KH, KW, 1, b]."""
+                           out_dtype: str, out_blocked: bool = False) -> te.Tensor:
+    """Depthwise convolution computed blocked, weight [C/b, 1, KH, KW, 1, b]:
+    data NCHW or [N, C/b, H, W, b]; output NCHW or [N, C/b, OH, OW, b]."""
     c_blocks, _, kh, kw, _, b = (int(d) for d in weight.shape)
     (sh, sw), (dh, dw), pad, oh, ow = _geometry(data, kh, kw, strides, padding, dilation)
-    src = _blocked_input(data, b, pad)
+    src = _source(data, b, pad)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     out = te.compute(
@@ -106,24 +127,30 @@ def depthwise_conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding,
         ),
         name=DEPTHWISE,
     )
-    return _unblocked(out)
+    return out if out_blocked else _unblocked(out)
 
 
 # ---------------------------------------------------------------- legalization
 
 
-def blocked_kind(attrs: Any) -> tuple[str, int] | None:
-    """("dense"|"depthwise", b) for an NCHW conv2d whose weight graphopt packed."""
-    if str(attrs.data_layout) != "NCHW" or str(attrs.out_layout or "NCHW") != "NCHW":
+_BLOCKED_DATA = re.compile(r"^NCHW(\d+)c$")
+
+
+def blocked_kind(attrs: Any) -> tuple[str, bool] | None:
+    """("dense"|"depthwise", output blocked) for a conv2d whose weight graphopt
+    packed, its data and output NCHW or NCHW[b]c."""
+    data_layout, out_layout = str(attrs.data_layout), str(attrs.out_layout or attrs.data_layout)
+    if not all(layout == "NCHW" or _BLOCKED_DATA.match(layout) for layout in (data_layout, out_layout)):
         return None
     m = _BLOCKED_KERNEL.match(str(attrs.kernel_layout))
     if not m:
         return None
-    i, o = int(m.group(1)), int(m.group(2))
+    i = int(m.group(1))
+    out_blocked = out_layout != "NCHW"
     if int(attrs.groups) == 1:
-        return "dense", o
+        return "dense", out_blocked
     if i == 1 and int(attrs.groups) > 1:
-        return "depthwise", o
+        return "depthwise", out_blocked
     return None
 
 
@@ -141,7 +168,7 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(
         compute, call.args[0], call.args[1],
         [int(s) for s in call.attrs.strides], [int(p) for p in call.attrs.padding],
-        [int(d) for d in call.attrs.dilation], out_dtype,
+        [int(d) for d in call.attrs.dilation], out_dtype, kind[1],
         primfunc_name_hint=DENSE if kind[0] == "dense" else DEPTHWISE,
     )
 
@@ -217,7 +244,9 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
     sch.vectorize(oc_inner)
     rows = sch.fuse(n, oc_outer, oh)
     # The blocked, zero-padded copy of the input is made in parallel up front.
-    _parallel_vectorized(sch, sch.get_sblock(PACK))
+    pack = _find_block(sch, (PACK,))
+    if pack is not None:
+        _parallel_vectorized(sch, pack)
     # Unblocking and the fused epilogue (bias, activation, residual add) run
     # per output row, right after it, while it is in cache.
     for block in _inline_chain(sch, _blocks_after(sch, conv, skip=acc)):

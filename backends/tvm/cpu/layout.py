@@ -1,27 +1,54 @@
-"""Layout planning at the Relax level: convolution weights packed for NCHW[b]c.
+"""Layout planning at the Relax level: convolutions and what lies between them
+in a channel-blocked layout, weights packed at compile time (NeoCPU's global
+layout).
 
-Each dense NCHW ``relax.nn.conv2d`` gets its weight packed to OIHW[i]i[b]o,
-``b`` the target's fp32 vector lanes or a smaller power of two (>= 4) that
-divides the output channels, else whole vectors with the last one
-zero-padded and sliced off (``i`` = ``b`` where it divides the input
-channels, else their largest divisor up to ``b``: all of them for an RGB
-stem); a depthwise one whose channels ``b`` divides gets OIHW1i[b]o; by a
-``layout_transform`` of the constant, which ``FoldConstant`` evaluates at
-compile time.  Activations stay NCHW between kernels: the convolution's
-kernel blocks its input in the copy that zero-padding makes anyway and
-unblocks its output at the register tile, so elementwise epilogues (bias,
-activation, residual add) fuse into it as they are.  Keeping activations
-blocked across kernels (NeoCPU's global layout) is the next step.  Grouped
-convolutions other than depthwise stay as they are.
+A tensor is *blocked* when it is ``[N, C/b, H, W, b]`` (NCHW[b]c) with ``b``
+the target's fp32 vector lanes, one ``b`` for the whole module, so that
+neighbours always agree.  Planning walks each dataflow block in order:
+
+* a convolution whose output channels ``b`` divides writes a blocked tensor;
+  it reads a blocked input as it is, or an NCHW one (the RGB stem, a tensor
+  some op needed in NCHW) through the blocked, zero-padded copy its kernel
+  makes anyway.  Its weight is packed to OIHW[i]i[b]o (depthwise:
+  OIHW1i[b]o) by a ``layout_transform`` of the constant that ``FoldConstant``
+  evaluates at compile time;
+* a convolution with other output channels runs blocked inside with the last
+  vector zero-padded and writes NCHW (18 channels: 2 vectors of 16);
+* elementwise ops, per-channel broadcasts (bias, batch-norm scale, the
+  squeeze-excite product), residual adds, pooling, spatial means, nearest or
+  linear resizing and channel concatenation of blocked tensors stay blocked
+  (a per-channel constant is transformed with its tensor, at compile time);
+* any other op gets NCHW: the blocked value is transformed back once, where
+  the first such consumer needs it, and the function's outputs are NCHW.
+
+So a chain of convolutions with their epilogues runs blocked end to end, and
+layout transforms sit only at the graph's edges and around the ops that
+cannot take the blocked layout.  Grouped convolutions other than depthwise
+stay as they are.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-_LAYOUT_TRANSFORM = tvm.ir.Op.get("relax.layout_transform")
+_op = tvm.ir.Op.get
+_CONV2D = _op("relax.nn.conv2d")
+_CALL_TIR = _op("relax.call_tir")
+_UNARY = {_op(f"relax.{name}") for name in (
+    "nn.relu", "sigmoid", "tanh", "nn.silu", "nn.gelu", "nn.gelu_tanh", "nn.leakyrelu", "clip", "exp", "negative",
+    "abs", "sqrt", "rsqrt", "erf", "square", "log", "floor", "ceil", "round")}
+_BINARY = {_op(f"relax.{name}") for name in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power")}
+_POOL = {_op("relax.nn.max_pool2d"), _op("relax.nn.avg_pool2d")}
+_SPATIAL_REDUCE = {_op("relax.mean"), _op("relax.max"), _op("relax.sum")}
+_RESIZE = _op("relax.image.resize2d")
+_CONCAT = _op("relax.concat")
+# The frontend emits Clip as TE calls of topi's maximum and minimum.
+_TE_BINARY = {"maximum": _op("relax.maximum"), "minimum": _op("relax.minimum")}
+_FLOATS = ("float32", "float16")
 
 
 def block_size(channels: int, lanes: int) -> int | None:
@@ -54,12 +81,16 @@ def input_block(in_channels: int, out_block: int) -> int:
     return max(d for d in range(1, min(in_channels, out_block) + 1) if in_channels % d == 0)
 
 
+def blocked_layout(b: int) -> str:
+    return f"NCHW{b}c"
+
+
 def plan(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    """Every function of ``mod`` with its convolutions blocked (see the module doc)."""
-    return map_functions(mod, lambda: _BlockConvolutions(mod, lanes))
+    """Every function of ``mod`` with its layouts planned (see the module doc)."""
+    return map_functions(mod, lambda: _PlanLayouts(mod, lanes))
 
 
-def map_functions(mod: tvm.IRModule, make_mutator) -> tvm.IRModule:
+def map_functions(mod: tvm.IRModule, make_mutator: Callable[[], PyExprMutator]) -> tvm.IRModule:
     """``mod`` with each Relax function rewritten by a fresh ``make_mutator()``."""
     out = tvm.IRModule({g: f for g, f in mod.functions_items()}, attrs=mod.attrs)
     for gv, func in mod.functions_items():
@@ -68,53 +99,205 @@ def map_functions(mod: tvm.IRModule, make_mutator) -> tvm.IRModule:
     return out
 
 
+def _static_shape(expr: relax.Expr) -> list[int] | None:
+    ty = expr.ty
+    shape = getattr(ty, "shape", None)
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _dtype(expr: relax.Expr) -> str:
+    return str(getattr(expr.ty, "dtype", ""))
+
+
 @mutator
-class _BlockConvolutions(PyExprMutator):
+class _PlanLayouts(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
+        self.mod = mod
         self.lanes = lanes
+        self.b = lanes
+        # original NCHW var -> its blocked value; original var -> NCHW value made from it
+        self.blocked: dict[relax.Var, relax.Var] = {}
+        self.plain: dict[relax.Var, relax.Var] = {}
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor naming)
-        call = super().visit_call_(call)
-        if call.op != _CONV2D:
-            return call
+    # ------------------------------------------------------------ bindings
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:  # noqa: N802 (TVM's visitor naming)
+        value, var = binding.value, binding.var
+        if isinstance(value, relax.Call) and value.op == _CONV2D:
+            planned = self._conv2d(value, blocked_out=isinstance(var, relax.DataflowVar))
+            if planned is not None:
+                conv, blocked = planned
+                if blocked:
+                    emitted = self.builder_.emit(conv, var.name + "_blocked")
+                elif isinstance(var, relax.DataflowVar):
+                    emitted = self.builder_.emit(conv, var.name)
+                else:  # a value the dataflow block exports
+                    emitted = self.builder_.emit_output(conv, var.name)
+                if blocked:
+                    self.blocked[var] = emitted
+                else:
+                    self.set_var_remap(var, emitted)
+                return
+        elif isinstance(value, relax.Call) and isinstance(var, relax.DataflowVar):
+            blocked = self._blocked_value(value)
+            if blocked is not None:
+                self.blocked[var] = self.builder_.emit(blocked, var.name + "_blocked")
+                return
+        self._plain_operands(value)
+        super().visit_var_binding_(binding)
+
+    def _plain_operands(self, value: relax.Expr) -> None:
+        """Make the NCHW form of every blocked var ``value`` reads."""
+        for var in relax.analysis.free_vars(value):
+            if var in self.blocked and var not in self.plain:
+                b = self.b
+                plain = self.builder_.emit(
+                    relax.op.layout_transform(self.blocked[var], index_map=lambda n, c, h, w, i: (n, c * b + i, h, w)),
+                    var.name)
+                self.plain[var] = plain
+                self.set_var_remap(var, plain)
+
+    # ------------------------------------------------------------ operands
+
+    def _is_blocked(self, expr: relax.Expr) -> bool:
+        return isinstance(expr, relax.Var) and expr in self.blocked
+
+    def _to_blocked(self, expr: relax.Expr, channels: int) -> relax.Expr | None:
+        """``expr`` (rank <= 4, broadcasting against an NCHW tensor of
+        ``channels`` channels) in the blocked layout, or None."""
+        if self._is_blocked(expr):
+            return self.blocked[expr]
+        shape = _static_shape(expr)
+        if shape is None or len(shape) > 4:
+            return None
+        expr = self.visit_expr(expr)
+        if not shape:
+            return expr
+        full = [1] * (4 - len(shape)) + shape
+        if full[1] == 1:
+            return self.builder_.emit(relax.op.reshape(expr, [*full, 1]))
+        if full[1] != channels:
+            return None
+        if len(shape) < 4:
+            expr = self.builder_.emit(relax.op.reshape(expr, full))
+        b = self.b
+        return self.builder_.emit(
+            relax.op.layout_transform(expr, index_map=lambda n, c, h, w: (n, c // b, h, w, c % b)))
+
+    # ------------------------------------------------------------ blocked ops
+
+    def _blocked_value(self, call: relax.Call) -> relax.Expr | None:
+        """The blocked form of ``call`` where it reads a blocked tensor and can
+        write one, else None (it stays NCHW)."""
+        out_shape = _static_shape(call)
+        if out_shape is None or len(out_shape) != 4 or _dtype(call) not in _FLOATS or out_shape[1] % self.b:
+            return None
+        op, args = call.op, list(call.args)
+        if op == _CALL_TIR:
+            op = self._te_binary(call)
+            if op is None:
+                return None
+            args = list(call.args[1].fields)
+        if op == _CONCAT:
+            return self._concat(call)
+        if not any(self._is_blocked(a) for a in args):
+            return None
+        channels, layout = out_shape[1], blocked_layout(self.b)
+        first, attrs = args[0], call.attrs
+        if op in _BINARY:
+            blocked = [self._to_blocked(a, channels) for a in args]
+            return None if any(a is None for a in blocked) else relax.Call(op, blocked, attrs)
+        if not self._is_blocked(first):
+            return None
+        data = self.blocked[first]
+        if op in _UNARY:
+            return relax.Call(op, [data, *args[1:]], attrs)
+        if op in _POOL and str(attrs.layout) == "NCHW" and str(attrs.out_layout) == "NCHW":
+            pool = relax.op.nn.max_pool2d if op.name.endswith("max_pool2d") else relax.op.nn.avg_pool2d
+            return pool(data, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation, attrs.ceil_mode,
+                        attrs.count_include_pad, layout, layout)
+        if op in _SPATIAL_REDUCE:
+            axes = sorted(int(a) % 4 for a in (attrs.axis or []))
+            return relax.Call(op, [data], attrs) if axes == [2, 3] and bool(attrs.keepdims) else None
+        if op == _RESIZE and str(attrs.layout) == "NCHW":
+            return relax.op.image.resize2d(
+                data, args[1], tuple(float(v) for v in attrs.roi), layout, attrs.method,
+                attrs.coordinate_transformation_mode, attrs.rounding_method, attrs.cubic_alpha,
+                attrs.cubic_exclude, attrs.extrapolation_value, attrs.out_dtype)
+        return None
+
+    def _concat(self, call: relax.Call) -> relax.Expr | None:
+        """A channel concatenation of tensors whose channels ``b`` divides."""
+        fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
+        if int(call.attrs.axis) % 4 != 1 or fields is None or not any(self._is_blocked(f) for f in fields):
+            return None
+        parts = []
+        for field in fields:
+            shape = _static_shape(field)
+            if shape is None or len(shape) != 4 or shape[1] % self.b:
+                return None
+            parts.append(self._to_blocked(field, shape[1]))
+        return relax.op.concat(parts, axis=1)
+
+    def _te_binary(self, call: relax.Call) -> tvm.ir.Op | None:
+        """The Relax op of a TE call of topi's maximum or minimum, else None."""
+        callee, args = call.args[0], call.args[1]
+        name = getattr(callee, "name_hint", "").rstrip("0123456789_")
+        if name not in _TE_BINARY or not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+            return None
+        return _TE_BINARY[name]
+
+    def _conv2d(self, call: relax.Call, blocked_out: bool) -> tuple[relax.Expr, bool] | None:
+        """``call`` with its weight packed, and whether it writes a blocked
+        tensor (where ``b`` divides its output channels and it may); else it
+        writes NCHW, its output channels padded to whole vectors and sliced
+        back.  It reads its input blocked where that exists."""
         attrs = call.attrs
-        if (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NCHW", "OIHW"):
-            return call
-        if str(attrs.out_layout or "NCHW") != "NCHW":
-            return call
-        data, weight = call.args
-        dshape, wshape = data.ty.shape, weight.ty.shape
-        if not all(isinstance(d, tvm.tirx.IntImm) for d in list(dshape) + list(wshape)):
-            return call
-        channels, out_channels = int(dshape[1]), int(wshape[0])
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or "NCHW")) != \
+                ("NCHW", "OIHW", "NCHW"):
+            return None
+        source, weight = call.args[0], self.visit_expr(call.args[1])
+        dshape, wshape = _static_shape(source), _static_shape(weight)
+        if dshape is None or wshape is None:
+            return None
+        channels, out_channels = dshape[1], wshape[0]
         groups = int(attrs.groups)
-        depthwise = groups == channels == out_channels and int(wshape[1]) == 1
+        depthwise = groups == channels == out_channels and wshape[1] == 1
         if groups != 1 and not depthwise:
-            return call
+            return None
+        in_blocked = self._is_blocked(source)
+        data = self.blocked[source] if in_blocked else self.visit_expr(source)
+        data_layout = blocked_layout(self.b) if in_blocked else "NCHW"
+        blocked_out = blocked_out and out_channels % self.b == 0 and _dtype(call) in _FLOATS
         if depthwise:
-            b = block_size(out_channels, self.lanes)
-            if b is None:
-                return call
-            kh, kw = int(wshape[2]), int(wshape[3])
+            b = self.b if (blocked_out or in_blocked) else block_size(out_channels, self.lanes)
+            if b is None or out_channels % b:
+                return None
+            kh, kw = wshape[2], wshape[3]
             packed = relax.op.reshape(relax.op.permute_dims(
                 relax.op.reshape(weight, (out_channels // b, b, kh, kw)), [0, 2, 3, 1]),
                 (out_channels // b, 1, kh, kw, 1, b))
-            return self._conv(call, data, packed, f"OIHW1i{b}o")
-        b, padded = output_block(out_channels, self.lanes)
-        ib = input_block(channels, b)
+            out_layout = blocked_layout(b) if blocked_out else "NCHW"
+            return self._emit_conv(call, data, packed, f"OIHW1i{b}o", data_layout, out_layout), blocked_out
+        b, padded = (self.b, out_channels) if blocked_out else output_block(out_channels, self.lanes)
+        ib = self.b if in_blocked else input_block(channels, b)
         if padded != out_channels:
             weight = self.builder_.emit(relax.op.nn.pad(weight, [0, padded - out_channels, 0, 0, 0, 0, 0, 0]))
         packed = relax.op.layout_transform(
             weight, index_map=lambda o, i, h, w: (o // b, i // ib, h, w, i % ib, o % b))
-        conv = self._conv(call, data, packed, f"OIHW{ib}i{b}o")
-        if padded == out_channels:
-            return conv
-        return relax.op.strided_slice(self.builder_.emit(conv), axes=[1], begin=[0], end=[out_channels])
+        conv = self._emit_conv(call, data, packed, f"OIHW{ib}i{b}o", data_layout,
+                               blocked_layout(b) if blocked_out else "NCHW")
+        if padded != out_channels:
+            conv = relax.op.strided_slice(self.builder_.emit(conv), axes=[1], begin=[0], end=[out_channels])
+        return conv, blocked_out
 
-    def _conv(self, call: relax.Call, data: relax.Expr, packed: relax.Expr, kernel_layout: str) -> relax.Call:
+    def _emit_conv(self, call: relax.Call, data: relax.Expr, packed: relax.Expr, kernel_layout: str,
+                   data_layout: str, out_layout: str) -> relax.Call:
         attrs = call.attrs
         return relax.op.nn.conv2d(
             data, self.builder_.emit(packed), strides=attrs.strides, padding=attrs.padding,
-            dilation=attrs.dilation, groups=attrs.groups, data_layout="NCHW", kernel_layout=kernel_layout,
-            out_layout="NCHW", out_dtype=attrs.out_dtype)
+            dilation=attrs.dilation, groups=attrs.groups, data_layout=data_layout, kernel_layout=kernel_layout,
+            out_layout=out_layout, out_dtype=attrs.out_dtype)

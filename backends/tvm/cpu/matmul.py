@@ -6,19 +6,64 @@ One reduction block whose loops are spatial ones and then one reduction,
 outside it, so each step is ``tile_i`` broadcasts of ``a`` times the vectors
 of ``b``'s row; tiles spread over the cores; the fused epilogue (bias,
 activation) runs per tile.  Constant right-hand sides arrive as ``[k, j]``
-(the frontend's transposes of constants fold at compile time).
+(the frontend's transposes of constants fold at compile time); where their
+columns are not whole vectors (a 6625-way classifier), :func:`pad_columns`
+pads them with zero columns at compile time and slices the product back.
 """
 from __future__ import annotations
 
+import numpy as np
 import tvm
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.s_tir import dlight as dl
 
 from backends.tvm.cpu.generic import _extent, _inline_producers, _iter_kinds, parallel_vectorize
+from backends.tvm.cpu.layout import map_functions
 from backends.tvm.cpu.target import num_cores, vector_lanes
 
 # Fewer multiply-adds than this are left to the generic rules: tiling does not pay.
 _MIN_MACS = 1 << 15
+
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+
+
+def padded_columns(columns: int, lanes: int) -> int:
+    """Columns rounded up to the register tile's width: two vectors where
+    there are many columns, one where there are few."""
+    step = 2 * lanes if columns >= 4 * lanes else lanes
+    return -(-columns // step) * step
+
+
+def pad_columns(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """``mod`` with every matmul by a constant ``[k, n]`` whose ``n`` is not a
+    multiple of ``lanes`` computed on zero-padded columns and sliced back."""
+    return map_functions(mod, lambda: _PadColumns(mod, lanes))
+
+
+@mutator
+class _PadColumns(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor naming)
+        call = super().visit_call_(call)
+        if call.op != _MATMUL or not isinstance(call.args[1], tvm.ir.expr.Constant):
+            return call
+        weight = call.args[1].value.numpy()
+        rank = len(call.ty.shape) if getattr(call.ty, "shape", None) is not None else 0
+        if weight.ndim != 2 or weight.dtype.kind != "f" or rank < 2:
+            return call
+        columns = weight.shape[1]
+        padded = padded_columns(columns, self.lanes)
+        if columns % self.lanes == 0 or columns < self.lanes:
+            return call
+        wide = np.zeros((weight.shape[0], padded), weight.dtype)
+        wide[:, :columns] = weight
+        product = self.builder_.emit(relax.op.matmul(call.args[0], relax.const(wide), call.attrs.out_dtype))
+        return relax.op.strided_slice(product, axes=[rank - 1], begin=[0], end=[columns])
 
 
 def _divisor_tile(extent: int, candidates: list[int]) -> int:
@@ -56,13 +101,15 @@ class Matmul(dl.cpu.base.CPUScheduleRule):
         tile_i = _divisor_tile(m, [6, 5, 4, 8, 3, 2])
         io, ii = sch.split(i, [None, tile_i])
         jo, ji = sch.split(j, [None, tile_j])
-        sch.reorder(*batch, io, jo, k, ii, ji)
+        # The larger operand's slice stays in cache across the other's tiles.
+        first, second = (io, jo) if m >= n else (jo, io)
+        sch.reorder(*batch, first, second, k, ii, ji)
         acc = sch.cache_write(mm, 0, "local")
-        sch.reverse_compute_at(acc, jo, preserve_unit_loops=True)
+        sch.reverse_compute_at(acc, second, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(acc)[-1])
         sch.unroll(ii)
         sch.vectorize(ji)
-        outer = sch.fuse(*batch, io, jo)
+        outer = sch.fuse(*batch, first, second)
         names = [sch.get(b).name_hint for b in blocks]
         skipped = sch.get(acc).name_hint
         for block in blocks[names.index(sch.get(mm).name_hint) + 1:]:
