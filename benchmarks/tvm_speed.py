@@ -11,7 +11,10 @@ file with all graph optimizations and spinning off.  With ``--trials N`` a
 second artifact is tuned with N MetaSchedule trials into ``--db`` (reused
 between runs).  The runners are timed interleaved, one call each per round
 after a warm-up, and the medians are reported with their ratio to
-onnxruntime; the geometric mean of the ratios closes the table.  Light
+onnxruntime; the geometric mean of the ratios closes the table.  Neither
+runtime spins between calls (onnxruntime's ``allow_spinning=0``, TVM's
+``TVM_THREAD_POOL_SPIN_COUNT=0``): a pool left spinning after its own run
+steals a core from the other runtime's next one.  Light
 models get randomized weights (their constant fills would make every output
 equal), so the outputs are compared for real.
 """
@@ -102,6 +105,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (TVM uses the physical cores)")
     args = ap.parse_args()
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
     print(f"threads: onnxruntime {args.threads}, TVM {os.cpu_count()} logical cores (num-cores = physical)")
     print("| model | onnxruntime ms | TVM default ms (x ORT) | TVM tuned ms (x ORT) | max rel diff | compile s |")

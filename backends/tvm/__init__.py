@@ -7,6 +7,7 @@ tuning).  TVM is imported only when a model is compiled or loaded.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,14 @@ def build(mod: Any, target: Any, options: CompileOptions) -> tuple[Any, dict[str
         raise CompileError(f"TVM build for {target.kind.name} failed: {_message(exc)}") from None
 
 
+def _size_thread_pool() -> None:
+    """One TVM worker per usable physical core, unless ``TVM_NUM_THREADS``
+    says otherwise: TVM's default is half the logical CPUs on x86 (it assumes
+    two threads per core).  The pool reads the variable when it starts, at
+    the first parallel kernel."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(_targets.usable_cores()))
+
+
 class TVMRunner(Runner):
     """A Relax VM over the exported library."""
 
@@ -130,6 +139,8 @@ class TVMRunner(Runner):
             present = False
         if not present:
             raise UsageError(f"{library.parent}: compiled for a {device} device, and this machine has none")
+        if device == "cpu":
+            _size_thread_pool()
         try:
             lib = tvm.runtime.load_module(str(library))
             self.vm = relax.VirtualMachine(lib, self.device)

@@ -101,12 +101,9 @@ def _normalized_target(target: tvm.target.Target | str | dict) -> tvm.target.Tar
 
 
 def _physical_cores() -> int:
-    try:
-        import psutil
+    from backends.tvm.targets import usable_cores
 
-        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except ImportError:
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def bind_params(mod: tvm.IRModule) -> tvm.IRModule:

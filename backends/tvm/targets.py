@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -123,6 +124,31 @@ _GPU_KINDS = {"cuda", "vulkan", "opencl", "rocm", "metal"}
 
 def host_arch() -> str:
     return normalize_arch(platform.machine())
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on: the CPUs of its affinity mask,
+    SMT siblings counted once.  TVM's own default halves the logical CPUs on
+    x86 (it assumes two threads per core), which on a VM without SMT runs a
+    2-core machine on one thread."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        try:
+            import psutil
+
+            return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        except ImportError:
+            return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:  # no sysfs topology (some containers): one core per CPU
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
 
 
 def normalize_arch(name: str) -> str:
