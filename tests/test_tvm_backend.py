@@ -273,3 +273,27 @@ def test_shape_computations_fold_once_inputs_are_pinned(tmp_path):
     got = backends.load_runner(out)(feed)
     np.testing.assert_array_equal(got["y"], runtime.run(runtime.session(proto), feed)["y"])
     assert json.loads((out / "manifest.json").read_text())["outputs"][0]["shape"] == [3, 16]
+
+
+def test_sum_of_three_compiles_as_chained_adds(tmp_path):
+    """Sum (ResNet's residual form in some exporters) reaches TVM as Adds, with
+    Sum's broadcasting, and the numbers are onnxruntime's."""
+    nodes = [helper.make_node("Sum", ["x", "b", "c"], ["y"], name="sum")]
+    inits = {"b": RNG.standard_normal((1, 4, 1, 1)).astype(np.float32), "c": RNG.standard_normal(3).astype(np.float32)}
+    proto = make_model(nodes, [vi("x", [2, 4, 5, 3])], [vi("y", [2, 4, 5, 3])], inits)
+    from backends.tvm import frontend
+    from graphopt.ir import Model
+
+    lowered = frontend.prepare(Model.from_proto(proto), [backends.TensorSpec("x", (2, 4, 5, 3), "float32")])
+    assert [n.op_type for n in lowered.graph.node] == ["Add", "Add"]
+    onnx.save(proto, tmp_path / "m.onnx")
+    out = backends.compile_model(tmp_path / "m.onnx", tmp_path / "art", backend="tvm", target="x86_64",
+                                 options=CompileOptions())
+    feed = {"x": RNG.standard_normal((2, 4, 5, 3)).astype(np.float32)}
+    np.testing.assert_allclose(backends.load_runner(out)(feed)["y"], runtime.run(runtime.session(proto), feed)["y"],
+                               rtol=1e-6)
+
+
+def test_usable_cores_counts_the_affinity_mask():
+    cores = targets.usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
