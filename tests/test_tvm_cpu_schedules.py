@@ -142,7 +142,7 @@ def test_matmul_with_epilogue_is_tiled_and_matches_onnxruntime():
     kernels = schedule.lower_to_kernels(schedule.bind_params(from_onnx(model, shape_dict={"x": [1, 40, 120]})), target)
     scheduled = schedule.default_schedule(kernels, target)
     matmuls = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
-    assert matmuls and all(f.attrs.get("tirx.is_scheduled") and "parallel" in f.script() for f in matmuls)
+    assert matmuls and all(f.attrs.get("tirx.is_scheduled") and "vectorized" in f.script() for f in matmuls)
 
 
 @pytest.mark.parametrize("kernel,strides,pads,output_padding,dilations", [
@@ -248,6 +248,19 @@ def test_matmul_columns_that_are_not_whole_vectors_are_padded(columns):
     kernels, target = _kernels(model, [1, 40, 24])
     scheduled = schedule.default_schedule(kernels, target)
     matmuls = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
-    assert matmuls and all("parallel" in f.script() and "vectorized" in f.script() for f in matmuls)
+    assert matmuls and all(f.attrs.get("tirx.is_scheduled") and "vectorized" in f.script() for f in matmuls)
     assert matmul.padded_columns(columns, 16) % 16 == 0
     _assert_matches_onnxruntime(model, rng.standard_normal((1, 40, 24)).astype(F))
+
+
+def test_only_kernels_worth_a_wake_up_run_in_parallel():
+    """Waking sleeping workers costs tens of microseconds: a 1x1 convolution
+    of a 56x56x64 map is spread over the cores, the same on 7x7 is not."""
+    from backends.tvm.cpu.target import parallel_worthwhile
+
+    two = schedule._normalized_target(tvm.target.Target({**host_llvm(), "num-cores": 2}))
+    one = schedule._normalized_target(tvm.target.Target({**host_llvm(), "num-cores": 1}))
+    assert parallel_worthwhile(two, macs=56 * 56 * 64 * 64)
+    assert not parallel_worthwhile(two, macs=7 * 7 * 64 * 64)
+    assert not parallel_worthwhile(one, macs=56 * 56 * 64 * 64)
+    assert parallel_worthwhile(two, elements=1 << 20) and not parallel_worthwhile(two, elements=4096)

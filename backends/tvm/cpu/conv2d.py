@@ -23,7 +23,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import dlight as dl
 
-from backends.tvm.cpu.target import vector_registers
+from backends.tvm.cpu.target import parallel_worthwhile, vector_registers
 
 DENSE = "conv2d_nchwc"
 DEPTHWISE = "depthwise_conv2d_nchwc"
@@ -232,6 +232,10 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
     n, oc, oh, ow, oc_inner = loops[:5]
     reduction = loops[5:]
     columns, vectors = register_tile(_extent(sch, ow), _extent(sch, oc), vector_registers(target))
+    macs = 1
+    for loop in loops:
+        macs *= _extent(sch, loop)
+    parallel = parallel_worthwhile(target, macs=macs)
     oc_outer, oc_tile = sch.split(oc, [None, vectors])
     ow_outer, ow_tile = sch.split(ow, [None, columns])
     sch.reorder(n, oc_outer, oh, ow_outer, *reduction, ow_tile, oc_tile, oc_inner)
@@ -246,7 +250,7 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
     # The blocked, zero-padded copy of the input is made in parallel up front.
     pack = _find_block(sch, (PACK,))
     if pack is not None:
-        _parallel_vectorized(sch, pack)
+        _parallel_vectorized(sch, pack, parallel)
     # Unblocking and the fused epilogue (bias, activation, residual add) run
     # per output row, right after it, while it is in cache.
     for block in _inline_chain(sch, _blocks_after(sch, conv, skip=acc)):
@@ -256,8 +260,9 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
             if _extent(sch, inner) > 1:
                 sch.vectorize(inner)
         except Exception:  # the primitive refused this block
-            _parallel_vectorized(sch, block)
-    sch.parallel(rows)
+            _parallel_vectorized(sch, block, parallel)
+    if parallel:
+        sch.parallel(rows)
     init = sch.decompose_reduction(conv, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
 
@@ -284,13 +289,14 @@ def _blocks_after(sch: s_tir.Schedule, block, skip) -> list:
     return [b for b, name in zip(children[at + 1:], names[at + 1:]) if name != skipped]
 
 
-def _parallel_vectorized(sch: s_tir.Schedule, block) -> None:
-    """An injective block: outer loops fused and parallel, the innermost vectorized."""
+def _parallel_vectorized(sch: s_tir.Schedule, block, parallel: bool) -> None:
+    """An injective block: outer loops fused (and parallel), the innermost vectorized."""
     loops = sch.get_loops(block)
     if not loops:
         return
     if len(loops) > 1:
         outer = sch.fuse(*loops[:-1])
-        sch.parallel(outer)
+        if parallel:
+            sch.parallel(outer)
     if _extent(sch, loops[-1]) > 1:
         sch.vectorize(loops[-1])

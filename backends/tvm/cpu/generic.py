@@ -15,10 +15,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from backends.tvm.cpu.target import num_cores, vector_lanes
-
-# Below this many elements a kernel runs on one core: waking the others costs more.
-_PARALLEL_MIN = 4096
+from backends.tvm.cpu.target import parallel_worthwhile, vector_lanes
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int:
@@ -44,7 +41,18 @@ def _inline_producers(sch: s_tir.Schedule, blocks: list) -> list:
     return left + blocks[-1:]
 
 
-def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, cores: int) -> None:
+def loop_product(sch: s_tir.Schedule, block) -> int:
+    """The iterations of ``block``'s loop nest."""
+    total = 1
+    for loop in sch.get_loops(block):
+        total *= max(_extent(sch, loop), 1)
+    return total
+
+
+def parallel_vectorize(sch: s_tir.Schedule, block, target: tvm.target.Target, parallel: bool | None = None) -> None:
+    """Fuse ``block``'s loops, vectorize by the lanes, and run the outer part on
+    all cores if ``parallel`` (None: if its size makes that worthwhile)."""
+    lanes = vector_lanes(target)
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -58,7 +66,7 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, cores: int) -> No
         sch.vectorize(inner)
     else:
         outer = fused
-    if total >= _PARALLEL_MIN and cores > 1:
+    if parallel_worthwhile(target, elements=total) if parallel is None else parallel:
         sch.parallel(outer)
 
 
@@ -71,9 +79,8 @@ class Injective(dl.cpu.base.CPUScheduleRule):
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
             if not blocks or any("R" in _iter_kinds(sch, b) for b in blocks):
                 return None
-            lanes, cores = vector_lanes(target), num_cores(target)
             for block in _inline_producers(sch, blocks):
-                parallel_vectorize(sch, block, lanes, cores)
+                parallel_vectorize(sch, block, target)
             return sch
         except Exception:  # the primitive refused this block
             return None
@@ -101,7 +108,8 @@ class SpatialReduction(dl.cpu.base.CPUScheduleRule):
             return None
         spatial = [l for l, k in zip(loops, kinds) if k == "S"]
         reduce = [l for l, k in zip(loops, kinds) if k == "R"]
-        lanes, cores = vector_lanes(target), num_cores(target)
+        lanes = vector_lanes(target)
+        parallel = parallel_worthwhile(target, elements=loop_product(sch, red))
         inner = spatial[-1]
         vectorize = 1 < _extent(sch, inner) <= 4 * lanes and len(spatial) > 1
         outer_spatial = spatial[:-1] if vectorize else spatial
@@ -115,8 +123,8 @@ class SpatialReduction(dl.cpu.base.CPUScheduleRule):
                 if _extent(sch, last) > 1:
                     sch.vectorize(last)
             except Exception:  # the primitive refused this block
-                parallel_vectorize(sch, block, lanes, cores)
-        if cores > 1 and _extent(sch, outer) > 1:
+                parallel_vectorize(sch, block, target, parallel)
+        if parallel and _extent(sch, outer) > 1:
             sch.parallel(outer)
         init = sch.decompose_reduction(red, reduce[0])
         if vectorize:

@@ -20,7 +20,7 @@ from tvm.s_tir import dlight as dl
 
 from backends.tvm.cpu.generic import _extent, _inline_producers, _iter_kinds, parallel_vectorize
 from backends.tvm.cpu.layout import map_functions
-from backends.tvm.cpu.target import num_cores, vector_lanes
+from backends.tvm.cpu.target import parallel_worthwhile, vector_lanes
 
 # Fewer multiply-adds than this are left to the generic rules: tiling does not pay.
 _MIN_MACS = 1 << 15
@@ -94,7 +94,11 @@ class Matmul(dl.cpu.base.CPUScheduleRule):
         m, n, depth = _extent(sch, i), _extent(sch, j), _extent(sch, k)
         if min(m, n, depth) <= 0 or m * n * depth < _MIN_MACS:
             return None
-        lanes, cores = vector_lanes(target), num_cores(target)
+        lanes = vector_lanes(target)
+        batches = 1
+        for loop in batch:
+            batches *= _extent(sch, loop)
+        parallel = parallel_worthwhile(target, macs=batches * m * n * depth)
         tile_j = _divisor_tile(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
         if tile_j < 4:
             return None
@@ -121,8 +125,8 @@ class Matmul(dl.cpu.base.CPUScheduleRule):
                 if _extent(sch, last) > 1:
                     sch.vectorize(last)
             except Exception:  # the primitive refused this block
-                parallel_vectorize(sch, block, lanes, cores)
-        if cores > 1 and _extent(sch, outer) > 1:
+                parallel_vectorize(sch, block, target, parallel)
+        if parallel and _extent(sch, outer) > 1:
             sch.parallel(outer)
         init = sch.decompose_reduction(mm, k)
         sch.vectorize(sch.get_loops(init)[-1])

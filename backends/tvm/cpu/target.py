@@ -64,3 +64,23 @@ def _host_triple() -> str:
 
 def num_cores(target: tvm.target.Target) -> int:
     return max(1, int(target.attrs.get("num-cores", 1) or 1))
+
+
+# Waking workers that sleep (a pool that does not spin, as in a process that
+# runs other work between calls) costs tens of microseconds, so a kernel
+# runs on one core unless its estimated single-core time is above this.
+PARALLEL_MIN_US = 30.0
+# An elementwise pass is bound by memory: about this many elements per
+# microsecond on one core.
+_ELEMENTS_PER_US = 2000.0
+
+
+def parallel_worthwhile(target: tvm.target.Target, macs: int = 0, elements: int = 0) -> bool:
+    """Whether a kernel of ``macs`` vectorized multiply-adds and ``elements``
+    memory-bound element steps is worth running on all cores of ``target``:
+    its single-core estimate (two FMA vectors a cycle at ~3 GHz) exceeds the
+    wake-up cost."""
+    if num_cores(target) <= 1:
+        return False
+    macs_per_us = 2 * vector_lanes(target) * 3000.0
+    return macs / macs_per_us + elements / _ELEMENTS_PER_US > PARALLEL_MIN_US
