@@ -264,3 +264,42 @@ def test_only_kernels_worth_a_wake_up_run_in_parallel():
     assert not parallel_worthwhile(two, macs=7 * 7 * 64 * 64)
     assert not parallel_worthwhile(one, macs=56 * 56 * 64 * 64)
     assert parallel_worthwhile(two, elements=1 << 20) and not parallel_worthwhile(two, elements=4096)
+
+
+@pytest.mark.parametrize("batch,channels,out_channels,size,kernel,strides,pads,group,dilation", [
+    (1, 7, 13, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), 1, 1),  # prime channels
+    (2, 16, 32, (10, 10), (3, 3), (2, 2), (0, 1, 1, 2), 1, 1),  # batch 2, stride 2, asymmetric padding
+    (1, 17, 33, (7, 9), (1, 1), (2, 2), (0, 0, 0, 0), 1, 1),  # strided 1x1, odd channels
+    (1, 32, 32, (9, 8), (3, 3), (2, 2), (1, 1, 1, 1), 32, 1),  # strided depthwise
+    (2, 13, 13, (7, 7), (5, 5), (1, 1), (2, 2, 2, 2), 13, 1),  # depthwise, prime channels
+    (1, 8, 12, (8, 8), (3, 3), (1, 1), (1, 1, 1, 1), 2, 1),  # grouped
+    (1, 16, 16, (12, 12), (3, 3), (1, 1), (2, 2, 2, 2), 1, 2),  # dilated
+    (1, 3, 24, (15, 13), (7, 7), (2, 2), (3, 2, 3, 2), 1, 1),  # RGB stem, uneven padding
+])
+def test_convolution_templates_on_odd_shapes(batch, channels, out_channels, size, kernel, strides, pads, group,
+                                             dilation):
+    rng = np.random.default_rng(5)
+    inits = {"w": (rng.standard_normal((out_channels, channels // group, *kernel)) * 0.2).astype(F),
+             "b": rng.standard_normal(out_channels).astype(F)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=list(strides), pads=list(pads), group=group,
+                              dilations=[dilation, dilation]),
+             helper.make_node("HardSwish", ["c"], ["y"])]
+    model = _model(nodes, [batch, channels, *size], inits)
+    _assert_matches_onnxruntime(model, rng.standard_normal((batch, channels, *size)).astype(F), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [
+    helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0]),
+    helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 1, 1],
+                     count_include_pad=0),
+    helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+    helper.make_node("Softmax", ["c"], ["p"], axis=1),
+])
+def test_blocked_pooling_and_reductions_on_odd_shapes(pool):
+    """Pooling of a blocked convolution output (then a ReLU, so the pooled
+    tensor is an inner one and may stay blocked), batch 3, odd spatial sizes."""
+    rng = np.random.default_rng(6)
+    inits = {"w": (rng.standard_normal((16, 5, 3, 3)) * 0.2).astype(F)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), pool, helper.make_node("Relu", ["p"], ["y"])]
+    model = _model(nodes, [3, 5, 11, 7], inits)
+    _assert_matches_onnxruntime(model, rng.standard_normal((3, 5, 11, 7)).astype(F), rtol=1e-4, atol=1e-5)
