@@ -1,7 +1,7 @@
 """Latency of TVM artifacts (default schedules, tuned) against onnxruntime on the host CPU.
 
     python benchmarks/tvm_speed.py [--models squeezenet,resnet50,ppocr_det,ppocr_rec,ppocr_cls]
-                                   [--trials 0] [--db tvm-tune-db] [--repeat 30] [--threads 2]
+                                   [--trials 0] [--db tvm-tune-db] [--repeat 30] [--threads 2] [--int8]
 
 Measured as users run it: each model is compiled with
 ``graphopt compile MODEL --target x86_64 -o DIR`` in a subprocess (its wall
@@ -11,7 +11,11 @@ file with all graph optimizations and spinning off.  With ``--trials N`` a
 second artifact is tuned with N MetaSchedule trials into ``--db`` (reused
 between runs).  The runners are timed interleaved, one call each per round
 after a warm-up, and the medians are reported with their ratio to
-onnxruntime; the geometric mean of the ratios closes the table.  Neither
+onnxruntime; the geometric mean of the ratios closes the table.  With
+``--int8`` each model is first quantized as a user does it (``graphopt opt
+-p simplify,quantize-static --calib random:16``) and both runtimes run that
+QDQ file; fidelity is each one's worst-output cosine to onnxruntime's fp32
+outputs, side by side.  Neither
 runtime spins between calls (onnxruntime's ``allow_spinning=0``, TVM's
 ``TVM_THREAD_POOL_SPIN_COUNT=0``): a pool left spinning after its own run
 steals a core from the other runtime's next one.  Light
@@ -72,6 +76,24 @@ def artifact_runner(folder: Path, feed: dict[str, np.ndarray]):
     return lambda: list(runner.run_checked(arrays).values())
 
 
+def quantize(path: Path, name: str, out: Path) -> Path:
+    """``graphopt opt -p simplify,quantize-static --calib random:16`` as a user runs it."""
+    cmd = [sys.executable, "-m", "graphopt.cli", "opt", str(path), "-o", str(out), "-q", "-p",
+           "simplify,quantize-static", "--calib", "random:16", *models.shape_flags(name, path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: graphopt opt failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def worst_cosine(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    cos = []
+    for a, b in zip(got, want):
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
+    return min(cos)
+
+
 def median_ms(runners: dict, repeat: int) -> dict[str, float]:
     for fn in runners.values():  # warm-up
         fn()
@@ -104,11 +126,13 @@ def main() -> None:
     ap.add_argument("--db", default="tvm-tune-db", help="JSON tuning database folder, reused between runs")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (TVM uses the physical cores)")
+    ap.add_argument("--int8", action="store_true", help="time the quantize-static QDQ model in both runtimes")
     args = ap.parse_args()
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
     print(f"threads: onnxruntime {args.threads}, TVM {os.cpu_count()} logical cores (num-cores = physical)")
-    print("| model | onnxruntime ms | TVM default ms (x ORT) | TVM tuned ms (x ORT) | max rel diff | compile s |")
+    fidelity = "cosine to fp32: ORT / TVM" if args.int8 else "max rel diff"
+    print(f"| model | onnxruntime ms | TVM default ms (x ORT) | TVM tuned ms (x ORT) | {fidelity} | compile s |")
     print("|---|---|---|---|---|---|")
     ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="graphopt-tvm-speed-") as tmp:
@@ -116,6 +140,10 @@ def main() -> None:
         for name, path in models.select(args.models).items():
             path = model_file(name, path, work)
             feed = models.sample_inputs(name, path)
+            fp32 = None
+            if args.int8:
+                fp32 = [np.asarray(v) for v in ort_runner(path, feed, args.threads)()]
+                path = quantize(path, name, work / f"{name}.qdq.onnx")
             compile_s = [compile_artifact(path, name, work / f"{name}.default", [])]
             runners = {"ort": ort_runner(path, feed, args.threads),
                        "default": artifact_runner(work / f"{name}.default", feed)}
@@ -130,11 +158,13 @@ def main() -> None:
                     for got, want in zip(fn(), ref):
                         scale = float(np.max(np.abs(want))) or 1.0
                         diff = max(diff, float(np.max(np.abs(np.asarray(got) - want))) / scale)
+            agreement = f"{diff:.1e}" if fp32 is None else \
+                f"{worst_cosine(ref, fp32):.5f} / {worst_cosine(runners['default'](), fp32):.5f}"
             ms = median_ms(runners, args.repeat)
             ratios.append(ms["default"] / ms["ort"])
             cells = [f"{ms['ort']:.2f}", f"{ms['default']:.2f} ({ms['default'] / ms['ort']:.2f}x)"]
             cells.append(f"{ms['tuned']:.2f} ({ms['tuned'] / ms['ort']:.2f}x)" if "tuned" in ms else "-")
-            print(f"| {name} | {' | '.join(cells)} | {diff:.1e} | {' / '.join(f'{s:.0f}' for s in compile_s)} |",
+            print(f"| {name} | {' | '.join(cells)} | {agreement} | {' / '.join(f'{s:.0f}' for s in compile_s)} |",
                   flush=True)
     if ratios:
         geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))

@@ -165,3 +165,52 @@ def test_float_model_is_left_alone():
     assert stats["float_kernels"] == {"conv2d": 2, "matmul": 1}
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(F)
     np.testing.assert_allclose(_run_tvm(mod, x), _run_ort(proto, x), rtol=1e-4, atol=1e-5)
+
+
+def _residual_cnn() -> onnx.ModelProto:
+    """An RGB stem, a 3x3 with 24 output channels (not whole vectors), a 1x1
+    back to 32 with a residual add, a strided 3x3: the int8 template's cases."""
+    rng = np.random.default_rng(3)
+    w = lambda *s: (rng.standard_normal(s) * 0.3).astype(F)  # noqa: E731
+    inits = {"w0": w(32, 3, 3, 3), "b0": w(32), "w1": w(24, 32, 3, 3), "b1": w(24), "w2": w(32, 24, 1, 1),
+             "b2": w(32), "w3": w(16, 32, 3, 3), "b3": w(16)}
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+             helper.make_node("Add", ["c2", "r0"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], pads=[0, 1, 1, 0], strides=[2, 2])]
+    return make_model(nodes, [vi("x", [1, 3, 13, 11])], [vi("y", [1, 16, 6, 5])], inits)
+
+
+def test_compiled_qdq_model_runs_on_dot_product_kernels(tmp_path):
+    """``graphopt compile`` of a QDQ model: integer kernels on VNNI lanes
+    (the manifest says what was rewritten), within one step of onnxruntime."""
+    import json
+
+    import backends
+    from backends import CompileOptions
+    from backends.tvm import schedule
+    from backends.tvm.cpu.target import int8_dot_intrinsic
+    from backends.tvm.targets import host_arch, host_llvm
+
+    if host_arch() != "x86_64" or int8_dot_intrinsic(tvm.target.Target(host_llvm())) is None:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    qdq = _qdq(_residual_cnn())
+    onnx.save(qdq, tmp_path / "q.onnx")
+    out = backends.compile_model(tmp_path / "q.onnx", tmp_path / "art", backend="tvm", target="x86_64",
+                                 options=CompileOptions())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["int8"]["rewritten"] == {"conv2d": 4}
+    x = np.random.default_rng(1).standard_normal((1, 3, 13, 11)).astype(F)
+    got = backends.load_runner(out)({"x": x})["y"]
+    steps = np.abs(got - _run_ort(qdq, x)) / _output_scale(qdq)
+    assert steps.max() <= 1.0 + 1e-6
+
+    target = schedule._normalized_target(tvm.target.Target(host_llvm()))
+    mod, _ = lower_qdq(schedule.bind_params(from_onnx(qdq, shape_dict={"x": [1, 3, 13, 11]})))
+    kernels = schedule.default_schedule(schedule.lower_to_kernels(mod, target), target)
+    int8 = [f.script() for gv, f in kernels.functions_items() if "conv2d_nchwc_int8" in gv.name_hint]
+    assert len(int8) == 4 and all("vpdpbusd" in s for s in int8)

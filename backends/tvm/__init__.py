@@ -57,6 +57,7 @@ class TVMBackend(Backend):
         proto = frontend.prepare(model, inputs)
         mod = frontend.import_onnx(proto, inputs)
         outputs = frontend.output_specs(mod, [o.name for o in proto.graph.output])
+        mod, int8 = _integer_kernels(mod, spec)
         t1 = time.perf_counter()
         executable, tuning = build(mod, tvm.target.Target(spec.tvm), options)
         t2 = time.perf_counter()
@@ -70,6 +71,7 @@ class TVMBackend(Backend):
                    "export": round(time.perf_counter() - t2, 3)}
         return CompileResult(inputs=inputs, outputs=outputs, files={"library": LIBRARY}, target={},
                              extra={"weights": f"constants inside {LIBRARY}", "tuning": tuning, "seconds": seconds,
+                                    **({"int8": int8} if int8 else {}),
                                     "prepared": "input shapes pinned, then simplify (exact passes)"})
 
     def load(self, artifact: Artifact) -> Runner:
@@ -79,6 +81,27 @@ class TVMBackend(Backend):
             raise UsageError(f"{artifact.path}: compiled for {arch} (target '{target.get('name')}'); "
                              f"this machine is {_targets.host_arch()}: copy the folder to the device and run it there")
         return TVMRunner(artifact.file("library"), str(target.get("device", "cpu")), artifact.inputs, artifact.outputs)
+
+
+def _integer_kernels(mod: Any, spec: _targets.TargetSpec) -> tuple[Any, dict[str, Any] | None]:
+    """A QDQ model's quantized convolutions and matmuls as integer kernels on
+    CPU targets (``backends.tvm.int8``): float compute between dequantize and
+    quantize would be slower than the fp32 model.  Other models unchanged."""
+    from tvm import relax
+
+    if spec.tvm.get("kind") != "llvm":
+        return mod, None
+    found = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, lambda e: found.append(
+                isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.dequantize"))
+    if not any(found):
+        return mod, None
+    from backends.tvm import int8
+    from backends.tvm.schedule import bind_params
+
+    return int8.lower_qdq(bind_params(mod))
 
 
 def _schedule():

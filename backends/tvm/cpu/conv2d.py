@@ -23,13 +23,18 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import dlight as dl
 
-from backends.tvm.cpu.target import parallel_worthwhile, vector_registers
+from backends.tvm.cpu.target import int8_dot_intrinsic, parallel_worthwhile, vector_registers
 
 DENSE = "conv2d_nchwc"
+DENSE_INT8 = "conv2d_nchwc_int8"
 DEPTHWISE = "depthwise_conv2d_nchwc"
 PACK = "pack_nchwc"
 UNPACK = "unpack_nchwc"
 _BLOCKED_KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
+# uint8 x int8 -> int32 on dot-product instructions: [O/b, I/4, KH, KW, b, 4],
+# four input channels of one output channel adjacent (one 32-bit lane).
+_INT8_KERNEL = re.compile(r"^OIHW(\d+)o4i$")
+INT8_GROUP = 4
 
 
 # ---------------------------------------------------------------- compute
@@ -60,6 +65,13 @@ def _padded(data: te.Tensor, pad: tuple[int, int, int, int]) -> te.Tensor:
         return tirx.if_then_else(inside, data[i, j, y - top, x - left, k], tirx.const(0, data.dtype))
 
     return te.compute((n, cb, h + top + bottom, w + left + right, b), value, name=PACK)
+
+
+def _int8_input(data: te.Tensor, pad: tuple[int, int, int, int]) -> te.Tensor:
+    """NCHW uint8 data (channels a multiple of 4) blocked by 16 channels, or
+    by 4 where 16 does not divide them, zero-padded."""
+    n, c = (int(d) for d in data.shape[:2])
+    return _blocked_input(data, 16 if c % 16 == 0 else INT8_GROUP, pad)
 
 
 def _unblocked(out: te.Tensor) -> te.Tensor:
@@ -109,6 +121,32 @@ def conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation,
     return out if out_blocked else _unblocked(out)
 
 
+def conv2d_nchwc_int8(data: te.Tensor, weight: te.Tensor, strides, padding, dilation, out_dtype: str,
+                      out_blocked: bool = False) -> te.Tensor:
+    """uint8 x int8 dense convolution, weight [O/b, I/4, KH, KW, b, 4]: the
+    innermost reduction is the four input channels one dot-product lane
+    (VNNI ``vpdpbusd``) sums.  Data NCHW or [N, C/sb, H, W, sb] (sb a multiple
+    of 4); output NCHW or [N, O/b, OH, OW, b], int32."""
+    oc_blocks, groups, kh, kw, ob, _ = (int(d) for d in weight.shape)
+    (sh, sw), (dh, dw), pad, oh, ow = _geometry(data, kh, kw, strides, padding, dilation)
+    src = _padded(data, pad) if len(data.shape) == 5 else _int8_input(data, pad)
+    per_block = int(src.shape[4]) // INT8_GROUP  # groups of four in one block of the source
+    rc = te.reduce_axis((0, groups), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    r4 = te.reduce_axis((0, INT8_GROUP), "r4")
+    out = te.compute(
+        (data.shape[0], oc_blocks, oh, ow, ob),
+        lambda i, o, y, x, c: te.sum(
+            src[i, rc // per_block, y * sh + ry * dh, x * sw + rx * dw, rc % per_block * INT8_GROUP + r4]
+            .astype(out_dtype) * weight[o, rc, ry, rx, c, r4].astype(out_dtype),
+            axis=[rc, ry, rx, r4],
+        ),
+        name=DENSE_INT8,
+    )
+    return out if out_blocked else _unblocked(out)
+
+
 def depthwise_conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation,
                            out_dtype: str, out_blocked: bool = False) -> te.Tensor:
     """Depthwise convolution computed blocked, weight [C/b, 1, KH, KW, 1, b]:
@@ -137,16 +175,18 @@ _BLOCKED_DATA = re.compile(r"^NCHW(\d+)c$")
 
 
 def blocked_kind(attrs: Any) -> tuple[str, bool] | None:
-    """("dense"|"depthwise", output blocked) for a conv2d whose weight graphopt
-    packed, its data and output NCHW or NCHW[b]c."""
+    """("dense"|"dense_int8"|"depthwise", output blocked) for a conv2d whose
+    weight graphopt packed, its data and output NCHW or NCHW[b]c."""
     data_layout, out_layout = str(attrs.data_layout), str(attrs.out_layout or attrs.data_layout)
     if not all(layout == "NCHW" or _BLOCKED_DATA.match(layout) for layout in (data_layout, out_layout)):
         return None
+    out_blocked = out_layout != "NCHW"
+    if _INT8_KERNEL.match(str(attrs.kernel_layout)):
+        return ("dense_int8", out_blocked) if int(attrs.groups) == 1 else None
     m = _BLOCKED_KERNEL.match(str(attrs.kernel_layout))
     if not m:
         return None
     i = int(m.group(1))
-    out_blocked = out_layout != "NCHW"
     if int(attrs.groups) == 1:
         return "dense", out_blocked
     if i == 1 and int(attrs.groups) > 1:
@@ -164,12 +204,13 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     out_dtype = str(call.attrs.out_dtype or "")
     if out_dtype in ("", "None", "void"):
         out_dtype = str(call.args[0].ty.dtype)
-    compute = conv2d_nchwc if kind[0] == "dense" else depthwise_conv2d_nchwc
+    compute, name = {"dense": (conv2d_nchwc, DENSE), "dense_int8": (conv2d_nchwc_int8, DENSE_INT8),
+                     "depthwise": (depthwise_conv2d_nchwc, DEPTHWISE)}[kind[0]]
     return bb.call_te(
         compute, call.args[0], call.args[1],
         [int(s) for s in call.attrs.strides], [int(p) for p in call.attrs.padding],
         [int(d) for d in call.attrs.dilation], out_dtype, kind[1],
-        primfunc_name_hint=DENSE if kind[0] == "dense" else DEPTHWISE,
+        primfunc_name_hint=name,
     )
 
 
@@ -204,7 +245,7 @@ class BlockedConv2D(dl.cpu.base.CPUScheduleRule if hasattr(dl, "cpu") else dl.Sc
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        conv = _find_block(sch, (DENSE, DEPTHWISE))
+        conv = _find_block(sch, (DENSE, DENSE_INT8, DEPTHWISE))
         if conv is None:
             return None
         try:
@@ -231,6 +272,8 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
     loops = sch.get_loops(conv)
     n, oc, oh, ow, oc_inner = loops[:5]
     reduction = loops[5:]
+    # int8: the four channels of one dot-product lane stay inside the vector.
+    dot = reduction.pop() if sch.get(conv).name_hint == DENSE_INT8 else None
     columns, vectors = register_tile(_extent(sch, ow), _extent(sch, oc), vector_registers(target))
     macs = 1
     for loop in loops:
@@ -238,14 +281,15 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
     parallel = parallel_worthwhile(target, macs=macs)
     oc_outer, oc_tile = sch.split(oc, [None, vectors])
     ow_outer, ow_tile = sch.split(ow, [None, columns])
-    sch.reorder(n, oc_outer, oh, ow_outer, *reduction, ow_tile, oc_tile, oc_inner)
+    sch.reorder(n, oc_outer, oh, ow_outer, *reduction, ow_tile, oc_tile, oc_inner, *([dot] if dot else []))
     # The tile accumulates in a local buffer the compiler keeps in registers.
     acc = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(acc, ow_outer, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.unroll(oc_tile)
     sch.unroll(ow_tile)
-    sch.vectorize(oc_inner)
+    if dot is None:  # int8: the dot-product intrinsic covers it
+        sch.vectorize(oc_inner)
     rows = sch.fuse(n, oc_outer, oh)
     # The blocked, zero-padded copy of the input is made in parallel up front.
     pack = _find_block(sch, (PACK,))
@@ -265,6 +309,8 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
         sch.parallel(rows)
     init = sch.decompose_reduction(conv, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
+    if dot is not None:
+        sch.tensorize(sch.get_loops(conv)[-2], int8_dot_intrinsic(target))
 
 
 def _inline_chain(sch: s_tir.Schedule, blocks: list) -> list:

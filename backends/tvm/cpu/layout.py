@@ -14,9 +14,10 @@ neighbours always agree.  Planning walks each dataflow block in order:
   evaluates at compile time;
 * a convolution with other output channels runs blocked inside with the last
   vector zero-padded and writes NCHW (18 channels: 2 vectors of 16);
-* elementwise ops, per-channel broadcasts (bias, batch-norm scale, the
-  squeeze-excite product), residual adds, pooling, spatial means, nearest or
-  linear resizing and channel concatenation of blocked tensors stay blocked
+* elementwise ops (per-tensor quantize and dequantize among them),
+  per-channel broadcasts (bias, batch-norm scale, the squeeze-excite
+  product), residual adds, pooling, spatial means, nearest or linear
+  resizing and channel concatenation of blocked tensors stay blocked
   (a per-channel constant is transformed with its tensor, at compile time);
 * any other op gets NCHW: the blocked value is transformed back once, where
   the first such consumer needs it, and the function's outputs are NCHW.
@@ -39,12 +40,13 @@ _CONV2D = _op("relax.nn.conv2d")
 _CALL_TIR = _op("relax.call_tir")
 _UNARY = {_op(f"relax.{name}") for name in (
     "nn.relu", "sigmoid", "tanh", "nn.silu", "nn.gelu", "nn.gelu_tanh", "nn.leakyrelu", "clip", "exp", "negative",
-    "abs", "sqrt", "rsqrt", "erf", "square", "log", "floor", "ceil", "round")}
+    "abs", "sqrt", "rsqrt", "erf", "square", "log", "floor", "ceil", "round", "astype")}
 _BINARY = {_op(f"relax.{name}") for name in (
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "power")}
 _POOL = {_op("relax.nn.max_pool2d"), _op("relax.nn.avg_pool2d")}
 _SPATIAL_REDUCE = {_op("relax.mean"), _op("relax.max"), _op("relax.sum")}
 _RESIZE = _op("relax.image.resize2d")
+_QDQ = {_op("relax.quantize"), _op("relax.dequantize")}
 _CONCAT = _op("relax.concat")
 # The frontend emits Clip as TE calls of topi's maximum and minimum.
 _TE_BINARY = {"maximum": _op("relax.maximum"), "minimum": _op("relax.minimum")}
@@ -85,9 +87,11 @@ def blocked_layout(b: int) -> str:
     return f"NCHW{b}c"
 
 
-def plan(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    """Every function of ``mod`` with its layouts planned (see the module doc)."""
-    return map_functions(mod, lambda: _PlanLayouts(mod, lanes))
+def plan(mod: tvm.IRModule, lanes: int, int8_dot: bool = False) -> tvm.IRModule:
+    """Every function of ``mod`` with its layouts planned (see the module doc);
+    with ``int8_dot`` (16-lane uint8 x int8 dot products), quantized dense
+    convolutions too."""
+    return map_functions(mod, lambda: _PlanLayouts(mod, lanes, int8_dot))
 
 
 def map_functions(mod: tvm.IRModule, make_mutator: Callable[[], PyExprMutator]) -> tvm.IRModule:
@@ -113,11 +117,12 @@ def _dtype(expr: relax.Expr) -> str:
 
 @mutator
 class _PlanLayouts(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int):
+    def __init__(self, mod: tvm.IRModule, lanes: int, int8_dot: bool = False):
         super().__init__(mod)
         self.mod = mod
         self.lanes = lanes
         self.b = lanes
+        self.int8_dot = int8_dot and lanes == 16
         # original NCHW var -> its blocked value; original var -> NCHW value made from it
         self.blocked: dict[relax.Var, relax.Var] = {}
         self.plain: dict[relax.Var, relax.Var] = {}
@@ -193,7 +198,7 @@ class _PlanLayouts(PyExprMutator):
         """The blocked form of ``call`` where it reads a blocked tensor and can
         write one, else None (it stays NCHW)."""
         out_shape = _static_shape(call)
-        if out_shape is None or len(out_shape) != 4 or _dtype(call) not in _FLOATS or out_shape[1] % self.b:
+        if out_shape is None or len(out_shape) != 4 or _dtype(call) in ("", "bool") or out_shape[1] % self.b:
             return None
         op, args = call.op, list(call.args)
         if op == _CALL_TIR:
@@ -215,6 +220,9 @@ class _PlanLayouts(PyExprMutator):
         data = self.blocked[first]
         if op in _UNARY:
             return relax.Call(op, [data, *args[1:]], attrs)
+        if op in _QDQ:  # per-tensor only: a per-channel scale runs along NCHW's axis 1
+            scalar = all(_static_shape(a) in ([], [1]) for a in args[1:])
+            return relax.Call(op, [data, *args[1:]], attrs) if scalar else None
         if op in _POOL and str(attrs.layout) == "NCHW" and str(attrs.out_layout) == "NCHW":
             pool = relax.op.nn.max_pool2d if op.name.endswith("max_pool2d") else relax.op.nn.avg_pool2d
             return pool(data, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation, attrs.ceil_mode,
@@ -265,6 +273,10 @@ class _PlanLayouts(PyExprMutator):
             return None
         channels, out_channels = dshape[1], wshape[0]
         groups = int(attrs.groups)
+        if _dtype(source) == "uint8" and _dtype(weight) == "int8":
+            planned = self._conv2d_int8(call, source, weight, channels, out_channels, blocked_out)
+            if planned is not None:
+                return planned
         depthwise = groups == channels == out_channels and wshape[1] == 1
         if groups != 1 and not depthwise:
             return None
@@ -289,6 +301,35 @@ class _PlanLayouts(PyExprMutator):
         packed = relax.op.layout_transform(
             weight, index_map=lambda o, i, h, w: (o // b, i // ib, h, w, i % ib, o % b))
         conv = self._emit_conv(call, data, packed, f"OIHW{ib}i{b}o", data_layout,
+                               blocked_layout(b) if blocked_out else "NCHW")
+        if padded != out_channels:
+            conv = relax.op.strided_slice(self.builder_.emit(conv), axes=[1], begin=[0], end=[out_channels])
+        return conv, blocked_out
+
+    def _conv2d_int8(self, call: relax.Call, source: relax.Expr, weight: relax.Expr, channels: int,
+                     out_channels: int, blocked_out: bool) -> tuple[relax.Expr, bool] | None:
+        """A dense uint8 x int8 -> int32 convolution on dot-product lanes:
+        the weight packed to [O/b, I/4, KH, KW, b, 4] (zero-padded to whole
+        vectors of output channels).  Others stay as they are (TVM's kernels)."""
+        out_dtype = str(call.attrs.out_dtype or "")
+        in_blocked = self._is_blocked(source)
+        if (not self.int8_dot or int(call.attrs.groups) != 1 or (channels % 4 and in_blocked)
+                or _dtype(source) != "uint8" or _dtype(weight) != "int8" or out_dtype != "int32"):
+            return None
+        b, group = self.b, 4
+        if channels % group:  # an RGB stem: zero channels (data and weights) up to whole fours
+            extra = -channels % group
+            weight = self.builder_.emit(relax.op.nn.pad(weight, [0, 0, 0, extra, 0, 0, 0, 0]))
+            source = self.builder_.emit(relax.op.nn.pad(self.visit_expr(source), [0, 0, 0, extra, 0, 0, 0, 0]))
+        data = self.blocked[source] if in_blocked else self.visit_expr(source)
+        blocked_out = blocked_out and out_channels % b == 0
+        padded = -(-out_channels // b) * b
+        if padded != out_channels:
+            weight = self.builder_.emit(relax.op.nn.pad(weight, [0, padded - out_channels, 0, 0, 0, 0, 0, 0]))
+        packed = relax.op.layout_transform(
+            weight, index_map=lambda o, i, h, w: (o // b, i // group, h, w, o % b, i % group))
+        conv = self._emit_conv(call, data, packed, f"OIHW{b}o{group}i",
+                               blocked_layout(b) if in_blocked else "NCHW",
                                blocked_layout(b) if blocked_out else "NCHW")
         if padded != out_channels:
             conv = relax.op.strided_slice(self.builder_.emit(conv), axes=[1], begin=[0], end=[out_channels])

@@ -84,3 +84,15 @@ def parallel_worthwhile(target: tvm.target.Target, macs: int = 0, elements: int 
         return False
     macs_per_us = 2 * vector_lanes(target) * 3000.0
     return macs / macs_per_us + elements / _ELEMENTS_PER_US > PARALLEL_MIN_US
+
+
+def int8_dot_intrinsic(target: tvm.target.Target) -> str | None:
+    """The registered tensor intrinsic that sums four uint8 x int8 products
+    into each int32 lane of a vector on ``target``, or None: AVX-512 VNNI
+    ``vpdpbusd`` (16 lanes).  Without VNNI, x86's ``vpmaddubsw`` saturates
+    its 16-bit pair sums, so it is not used: those kernels stay exact."""
+    if "avx512vnni" in cpu_features(target) and "avx512f" in cpu_features(target):
+        from backends.tvm.cpu.intrinsics import vnni_16x4_local
+
+        return vnni_16x4_local()
+    return None
