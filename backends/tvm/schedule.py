@@ -227,6 +227,7 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
             # Not dl.cpu.Reduction: it makes a 1000-class softmax 1000x slower
             # (2.3 ms against 2.5 us unscheduled on a 2-core x86).
             generic.SpatialReduction(),
+            generic.RowReduction(),
             generic.Injective(),
         )(mod)
 

@@ -131,3 +131,56 @@ class SpatialReduction(dl.cpu.base.CPUScheduleRule):
             sch.vectorize(inner)
             sch.vectorize(sch.get_loops(init)[-1])
         return sch
+
+
+def vectorize_with_tail(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """Vectorize ``loop`` by ``lanes``; a remainder that is not a whole vector
+    becomes a scalar loop of its own (a predicated vector loop would
+    scalarize every iteration)."""
+    extent = _extent(sch, loop)
+    if extent < lanes:
+        if extent > 1:
+            sch.vectorize(loop)
+        return
+    main = extent // lanes * lanes
+    if main != extent:
+        loop = sch.loop_partition(loop, [main, None])[0]
+    sch.vectorize(sch.split(loop, [None, lanes])[1])
+
+
+class RowReduction(dl.cpu.base.CPUScheduleRule):
+    """Kernels made of steps over the same rows, each along one inner axis,
+    some of them reductions (softmax, layer normalization, log-softmax): all
+    steps of a row run together while it is in cache, rows over the cores,
+    the elementwise steps vectorized."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self._apply(func, target)
+        except Exception:  # the primitive refused this block
+            return None
+
+    def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        kinds = [_iter_kinds(sch, b) for b in blocks]
+        last = kinds[-1]
+        if len(blocks) < 2 or "R" in last or len(last) < 2 or not any("R" in k for k in kinds):
+            return None
+        if any(len(k) != len(last) or "R" in k[:-1] or len(sch.get_loops(b)) != len(k)
+               for b, k in zip(blocks, kinds)):
+            return None
+        rows = sch.get_loops(blocks[-1])[:-1]
+        row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        for block in reversed(blocks[:-1]):
+            sch.compute_at(block, row, preserve_unit_loops=True)
+        lanes = vector_lanes(target)
+        parallel = parallel_worthwhile(target, elements=loop_product(sch, blocks[-1]) * len(blocks))
+        inner = [sch.get_loops(b)[-1] for b, kind in zip(blocks, kinds) if kind[-1] == "S"]
+        for loop in inner:  # partitioning a loop replaces its block: loops first, then the primitives
+            vectorize_with_tail(sch, loop, lanes)
+        if parallel:
+            sch.parallel(row)
+        return sch

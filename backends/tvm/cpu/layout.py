@@ -17,8 +17,9 @@ neighbours always agree.  Planning walks each dataflow block in order:
 * elementwise ops (per-tensor quantize and dequantize among them),
   per-channel broadcasts (bias, batch-norm scale, the squeeze-excite
   product), residual adds, pooling, spatial means, nearest or linear
-  resizing and channel concatenation of blocked tensors stay blocked
-  (a per-channel constant is transformed with its tensor, at compile time);
+  resizing, spatial padding and channel concatenation of blocked tensors
+  stay blocked (a per-channel constant is transformed with its tensor, at
+  compile time);
 * any other op gets NCHW: the blocked value is transformed back once, where
   the first such consumer needs it, and the function's outputs are NCHW.
 
@@ -47,6 +48,7 @@ _POOL = {_op("relax.nn.max_pool2d"), _op("relax.nn.avg_pool2d")}
 _SPATIAL_REDUCE = {_op("relax.mean"), _op("relax.max"), _op("relax.sum")}
 _RESIZE = _op("relax.image.resize2d")
 _QDQ = {_op("relax.quantize"), _op("relax.dequantize")}
+_PAD = _op("relax.nn.pad")
 _CONCAT = _op("relax.concat")
 # The frontend emits Clip as TE calls of topi's maximum and minimum.
 _TE_BINARY = {"maximum": _op("relax.maximum"), "minimum": _op("relax.minimum")}
@@ -223,6 +225,11 @@ class _PlanLayouts(PyExprMutator):
         if op in _QDQ:  # per-tensor only: a per-channel scale runs along NCHW's axis 1
             scalar = all(_static_shape(a) in ([], [1]) for a in args[1:])
             return relax.Call(op, [data, *args[1:]], attrs) if scalar else None
+        if op == _PAD and str(attrs.pad_mode) == "constant":  # spatial padding (the int8 zero point's)
+            widths = [int(v) for v in attrs.pad_width]
+            if len(widths) != 8 or any(widths[:4]):
+                return None
+            return relax.op.nn.pad(data, [*widths, 0, 0], pad_value=float(attrs.pad_value), pad_mode="constant")
         if op in _POOL and str(attrs.layout) == "NCHW" and str(attrs.out_layout) == "NCHW":
             pool = relax.op.nn.max_pool2d if op.name.endswith("max_pool2d") else relax.op.nn.avg_pool2d
             return pool(data, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation, attrs.ceil_mode,

@@ -54,7 +54,7 @@ class _PadColumns(PyExprMutator):
             return call
         weight = call.args[1].value.numpy()
         rank = len(call.ty.shape) if getattr(call.ty, "shape", None) is not None else 0
-        if weight.ndim != 2 or weight.dtype.kind != "f" or rank < 2:
+        if weight.ndim != 2 or weight.dtype.kind not in "fi" or rank < 2:
             return call
         columns = weight.shape[1]
         padded = padded_columns(columns, self.lanes)
