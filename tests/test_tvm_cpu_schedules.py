@@ -275,6 +275,8 @@ def test_only_kernels_worth_a_wake_up_run_in_parallel():
     (1, 8, 12, (8, 8), (3, 3), (1, 1), (1, 1, 1, 1), 2, 1),  # grouped
     (1, 16, 16, (12, 12), (3, 3), (1, 1), (2, 2, 2, 2), 1, 2),  # dilated
     (1, 3, 24, (15, 13), (7, 7), (2, 2), (3, 2, 3, 2), 1, 1),  # RGB stem, uneven padding
+    (1, 16, 16, (5, 37), (3, 3), (1, 1), (1, 1, 1, 1), 1, 1),  # prime width: computed to whole tiles, sliced
+    (1, 16, 16, (5, 37), (3, 3), (1, 1), (1, 1, 1, 1), 16, 1),  # the same, depthwise
 ])
 def test_convolution_templates_on_odd_shapes(batch, channels, out_channels, size, kernel, strides, pads, group,
                                              dilation):

@@ -234,8 +234,13 @@ def register_tile(width: int, channel_blocks: int, registers: int) -> tuple[int,
     busy where one vector is bound by its loads.  Accumulators, the weight
     vectors and a broadcast must fit the vector registers."""
     vectors = 2 if channel_blocks % 2 == 0 else 1
-    limit = min(14, (registers - vectors - 1) // vectors)
-    return column_tile(width, limit), vectors
+    return column_tile(width, column_limit(registers, vectors)), vectors
+
+
+def column_limit(registers: int, vectors: int = 2) -> int:
+    """The most output columns a register tile of ``vectors`` channel vectors
+    holds: accumulators, the weight vectors and one broadcast in registers."""
+    return min(14, (registers - vectors - 1) // vectors)
 
 
 class BlockedConv2D(dl.cpu.base.CPUScheduleRule if hasattr(dl, "cpu") else dl.ScheduleRule):

@@ -36,6 +36,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from backends.tvm.cpu.conv2d import column_limit, column_tile
+
 _op = tvm.ir.Op.get
 _CONV2D = _op("relax.nn.conv2d")
 _CALL_TIR = _op("relax.call_tir")
@@ -89,11 +91,11 @@ def blocked_layout(b: int) -> str:
     return f"NCHW{b}c"
 
 
-def plan(mod: tvm.IRModule, lanes: int, int8_dot: bool = False) -> tvm.IRModule:
+def plan(mod: tvm.IRModule, lanes: int, int8_dot: bool = False, registers: int = 32) -> tvm.IRModule:
     """Every function of ``mod`` with its layouts planned (see the module doc);
     with ``int8_dot`` (16-lane uint8 x int8 dot products), quantized dense
     convolutions too."""
-    return map_functions(mod, lambda: _PlanLayouts(mod, lanes, int8_dot))
+    return map_functions(mod, lambda: _PlanLayouts(mod, lanes, int8_dot, registers))
 
 
 def map_functions(mod: tvm.IRModule, make_mutator: Callable[[], PyExprMutator]) -> tvm.IRModule:
@@ -119,8 +121,9 @@ def _dtype(expr: relax.Expr) -> str:
 
 @mutator
 class _PlanLayouts(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int, int8_dot: bool = False):
+    def __init__(self, mod: tvm.IRModule, lanes: int, int8_dot: bool = False, registers: int = 32):
         super().__init__(mod)
+        self.columns = column_limit(registers)
         self.mod = mod
         self.lanes = lanes
         self.b = lanes
@@ -343,9 +346,22 @@ class _PlanLayouts(PyExprMutator):
         return conv, blocked_out
 
     def _emit_conv(self, call: relax.Call, data: relax.Expr, packed: relax.Expr, kernel_layout: str,
-                   data_layout: str, out_layout: str) -> relax.Call:
+                   data_layout: str, out_layout: str) -> relax.Expr:
+        """The packed convolution.  An output width with no divisor near the
+        register tile (111 = 3 x 37) is computed to the next whole number of
+        tiles, on extra zero padding at the right, and sliced back: a tile
+        with a tail would predicate every step of the reduction."""
         attrs = call.attrs
-        return relax.op.nn.conv2d(
-            data, self.builder_.emit(packed), strides=attrs.strides, padding=attrs.padding,
+        padding = [int(p) for p in attrs.padding]
+        width = (_static_shape(call) or [0, 0, 0, 0])[3]
+        extra = 0
+        if width > self.columns and width % column_tile(width, self.columns):
+            extra = -(-width // self.columns) * self.columns - width
+            padding[3] += extra * int(attrs.strides[1])
+        conv = relax.op.nn.conv2d(
+            data, self.builder_.emit(packed), strides=attrs.strides, padding=padding,
             dilation=attrs.dilation, groups=attrs.groups, data_layout=data_layout, kernel_layout=kernel_layout,
             out_layout=out_layout, out_dtype=attrs.out_dtype)
+        if not extra:
+            return conv
+        return relax.op.strided_slice(self.builder_.emit(conv), axes=[3], begin=[0], end=[width])
