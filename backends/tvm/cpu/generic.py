@@ -81,6 +81,22 @@ def parallel_vectorize(sch: s_tir.Schedule, block, target: tvm.target.Target, pa
         sch.parallel(outer)
 
 
+class GuardedRule(dl.cpu.base.CPUScheduleRule):
+    """A rule whose ``_apply`` may meet a schedule primitive that refuses the
+    kernel: it then declines, and the next rule of the list tries."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self._apply(func, target)
+        except Exception:  # a schedule primitive refused this kernel
+            return None
+
+    def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
 class Injective(dl.cpu.base.CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -99,15 +115,7 @@ class Injective(dl.cpu.base.CPUScheduleRule):
         return None
 
 
-class SpatialReduction(dl.cpu.base.CPUScheduleRule):
-    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            return self._apply(func, target)
-        except Exception:  # the primitive refused this block
-            return None
-
+class SpatialReduction(GuardedRule):
     def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         blocks = _inline_producers(sch, list(sch.get_child_blocks(sch.get_sblock("root"))))
@@ -161,19 +169,11 @@ def vectorize_with_tail(sch: s_tir.Schedule, loop, lanes: int) -> None:
     sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
-class RowReduction(dl.cpu.base.CPUScheduleRule):
+class RowReduction(GuardedRule):
     """Kernels made of steps over the same rows, each along one inner axis,
     some of them reductions (softmax, layer normalization, log-softmax): all
     steps of a row run together while it is in cache, rows over the cores,
     the elementwise steps vectorized."""
-
-    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            return self._apply(func, target)
-        except Exception:  # the primitive refused this block
-            return None
 
     def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)

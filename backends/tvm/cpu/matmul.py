@@ -16,9 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
-from tvm.s_tir import dlight as dl
 
-from backends.tvm.cpu.generic import _extent, _inline_producers, _iter_kinds, parallel_vectorize
+from backends.tvm.cpu.generic import GuardedRule, _extent, _inline_producers, _iter_kinds, parallel_vectorize
 from backends.tvm.cpu.layout import map_functions
 from backends.tvm.cpu.target import parallel_worthwhile, vector_lanes
 
@@ -70,15 +69,7 @@ def _divisor_tile(extent: int, candidates: list[int]) -> int:
     return next((c for c in candidates if c <= extent and extent % c == 0), 1)
 
 
-class Matmul(dl.cpu.base.CPUScheduleRule):
-    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            return self._apply(func, target)
-        except Exception:  # a schedule primitive refused: fall back to the next rule
-            return None
-
+class Matmul(GuardedRule):
     def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         blocks = _inline_producers(sch, list(sch.get_child_blocks(sch.get_sblock("root"))))
