@@ -59,6 +59,7 @@ class CompileOptions:
 
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     tune_trials: int = 0
+    tune_minutes: float = 0.0  # template search budget (tvm CPU targets)
     tune_db: Path | None = None
     rpc: str | None = None  # "HOST:PORT:KEY" of an RPC tracker
     progress: bool = True
@@ -183,8 +184,9 @@ class Backend(abc.ABC):
 
     def check_options(self, options: CompileOptions) -> None:
         """Refuse options this backend does not support (UsageError)."""
-        if options.tune_trials or options.tune_db or options.rpc:
-            raise UsageError(f"--tune-trials, --tune-db and --rpc are not supported by backend '{self.name}'")
+        if options.tune_trials or options.tune_minutes or options.tune_db or options.rpc:
+            raise UsageError(f"--tune-trials, --tune-minutes, --tune-db and --rpc are not supported by backend "
+                             f"'{self.name}'")
 
     def versions(self) -> dict[str, str]:
         """Versions of the libraries the artifact depends on (for the manifest)."""

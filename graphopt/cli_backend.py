@@ -23,6 +23,9 @@ def add_parsers(sub: Any) -> None:
                       help="pin the shape of a dynamic input (repeatable)")
     comp.add_argument("--tune-trials", type=int, default=0, metavar="N",
                       help="MetaSchedule measurements for the whole model (default 0: default schedules)")
+    comp.add_argument("--tune-minutes", type=float, default=0.0, metavar="M",
+                      help="template search: measure the CPU schedule templates' knobs for up to M minutes "
+                           "(default 0: each template's default)")
     comp.add_argument("--tune-db", metavar="DIR", help="tuning database folder, reused and extended across runs")
     comp.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure tuning candidates on boards of an RPC tracker")
     comp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -53,6 +56,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     options = CompileOptions(
         input_shapes=parse_input_shapes(args.input_shape),
         tune_trials=args.tune_trials,
+        tune_minutes=args.tune_minutes,
         tune_db=Path(args.tune_db) if args.tune_db else None,
         rpc=args.rpc,
         progress=not args.quiet,

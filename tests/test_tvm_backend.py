@@ -249,12 +249,18 @@ def test_tuning_options_checked_before_the_model(tmp_path):
     with pytest.raises(UsageError, match="--tune-trials must be >= 0"):
         backends.compile_model(tmp_path / "missing.onnx", tmp_path / "o", backend="tvm", target="x86_64",
                                options=CompileOptions(tune_trials=-1))
-    with pytest.raises(UsageError, match="--rpc .* needs --tune-trials"):
+    with pytest.raises(UsageError, match="--rpc .* needs --tune-trials N or --tune-minutes M"):
         backends.compile_model(tmp_path / "missing.onnx", tmp_path / "o", backend="tvm", target="x86_64",
                                options=CompileOptions(rpc="127.0.0.1:9190:board"))
     with pytest.raises(UsageError, match="not supported by backend 'onnxruntime'"):
         backends.compile_model(tmp_path / "missing.onnx", tmp_path / "o", backend="onnxruntime", target="cpu",
                                options=CompileOptions(tune_trials=4))
+    with pytest.raises(UsageError, match="--tune-minutes must be >= 0"):
+        backends.compile_model(tmp_path / "missing.onnx", tmp_path / "o", backend="tvm", target="x86_64",
+                               options=CompileOptions(tune_minutes=-1))
+    with pytest.raises(UsageError, match="--tune-minutes, --tune-db"):
+        backends.compile_model(tmp_path / "missing.onnx", tmp_path / "o", backend="onnxruntime", target="cpu",
+                               options=CompileOptions(tune_minutes=1))
 
 
 def test_shape_computations_fold_once_inputs_are_pinned(tmp_path):

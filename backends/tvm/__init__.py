@@ -36,10 +36,14 @@ class TVMBackend(Backend):
     def check_options(self, options: CompileOptions) -> None:
         if options.tune_trials < 0:
             raise UsageError(f"--tune-trials must be >= 0, got {options.tune_trials}")
-        if options.rpc and not options.tune_trials:
-            raise UsageError("--rpc measures tuning candidates on a remote device; it needs --tune-trials N")
-        if (options.tune_trials or options.tune_db) and _schedule() is None:
-            raise UsageError("--tune-trials/--tune-db: tuning needs backends/tvm/schedule.py, which this install lacks")
+        if not options.tune_minutes >= 0:
+            raise UsageError(f"--tune-minutes must be >= 0, got {options.tune_minutes:g}")
+        if options.rpc and not (options.tune_trials or options.tune_minutes):
+            raise UsageError("--rpc measures tuning candidates on a remote device; it needs --tune-trials N "
+                             "or --tune-minutes M")
+        if (options.tune_trials or options.tune_minutes or options.tune_db) and _schedule() is None:
+            raise UsageError("--tune-trials/--tune-minutes/--tune-db: tuning needs backends/tvm/schedule.py, "
+                             "which this install lacks")
 
     def versions(self) -> dict[str, str]:
         import tvm
@@ -120,12 +124,12 @@ def build(mod: Any, target: Any, options: CompileOptions) -> tuple[Any, dict[str
     schedule = _schedule()
     try:
         if schedule is not None:
-            result = schedule.build(mod, target, tune_trials=options.tune_trials, tune_db=options.tune_db,
-                                    rpc=options.rpc, progress=options.progress)
+            result = schedule.build(mod, target, tune_trials=options.tune_trials, tune_minutes=options.tune_minutes,
+                                    tune_db=options.tune_db, rpc=options.rpc, progress=options.progress)
             summary = getattr(schedule, "last_summary", None)
             summary = dict(summary()) if callable(summary) else {}
-            return result, {"trials": options.tune_trials, "database": str(options.tune_db or "") or None,
-                            "rpc": options.rpc, "schedules": "backends.tvm.schedule", **summary}
+            return result, {"trials": options.tune_trials, "minutes": options.tune_minutes,
+                            "database": str(options.tune_db or "") or None, "rpc": options.rpc, "schedules": "backends.tvm.schedule", **summary}
         # Fallback while backends/tvm/schedule.py is missing: TVM's default
         # pipeline for the target (legalize; DLight schedules for GPUs), untuned.
         import tvm

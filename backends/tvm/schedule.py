@@ -56,6 +56,7 @@ def build(
     target: tvm.target.Target,
     *,
     tune_trials: int = 0,
+    tune_minutes: float = 0.0,
     tune_db: str | os.PathLike | None = None,
     rpc: str | None = None,
     progress: bool = True,
@@ -63,18 +64,31 @@ def build(
     """Compile a Relax module (as imported from ONNX, static shapes) for ``target``.
 
     ``tune_trials`` is the measurement budget of the whole module; 0 tunes nothing
-    (but a ``tune_db`` from earlier runs is still applied).  ``tune_db`` is a
-    folder holding the JSON database (created on demand).  ``rpc`` is
+    (but a ``tune_db`` from earlier runs is still applied).  ``tune_minutes``
+    is the time the template search (:mod:`backends.tvm.cpu.search`, CPU
+    targets) may spend measuring the templates' knobs.  ``tune_db`` is a
+    folder holding the JSON databases of both (created on demand).  ``rpc`` is
     ``HOST:PORT:KEY`` of an RPC tracker whose boards measure the candidates.
     """
     if tune_trials < 0:
         raise UsageError(f"tune trials must be >= 0, got {tune_trials}")
+    if not tune_minutes >= 0:
+        raise UsageError(f"tune minutes must be >= 0, got {tune_minutes}")
     target = _normalized_target(target)
     rpc_config = parse_rpc(rpc) if rpc else None
     if rpc_config is not None:
         check_tracker(rpc_config)
     mod = bind_params(mod)
     mod = lower_to_kernels(mod, target)
+    templates = None
+    if target.kind.name == "llvm" or tune_minutes > 0:
+        from backends.tvm.cpu import search
+
+        templates = search.TemplateDatabase.open(tune_db)
+        _LAST_SUMMARY.clear()
+        if tune_minutes > 0:
+            _LAST_SUMMARY["template_search"] = search.search(mod, target, tune_minutes, templates,
+                                                             rpc_config=rpc_config, progress=progress)
 
     with _database(tune_db, tune_trials) as database:
         if tune_trials > 0:
@@ -82,8 +96,16 @@ def build(
         if database is not None:
             with target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        mod = default_schedule(mod, target)
+        mod = default_schedule(mod, target, templates.choices(target) if templates else None)
         return tvm.compile(mod, target, relax_pipeline=_finish_pipeline(target))
+
+
+_LAST_SUMMARY: dict = {}
+
+
+def last_summary() -> dict:
+    """What the last :func:`build` searched, for the artifact's manifest."""
+    return dict(_LAST_SUMMARY)
 
 
 # ---------------------------------------------------------------- module preparation
@@ -200,9 +222,11 @@ def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
     return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
 
 
-def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def default_schedule(mod: tvm.IRModule, target: tvm.target.Target, choices: dict | None = None) -> tvm.IRModule:
     """Schedule the kernels the database did not: DLight's GPU rules (a GPU kernel
-    without a schedule does not compile), DLight's CPU rules on ``llvm``."""
+    without a schedule does not compile), graphopt's CPU library on ``llvm``,
+    its templates configured by ``choices`` (kernel key -> the template
+    search's winner) where they have one."""
     if is_gpu(target):
         from tvm.s_tir import dlight as dl
 
@@ -218,13 +242,15 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         return mod
     from tvm.s_tir import dlight as dl
 
-    from backends.tvm.cpu import conv2d, generic, matmul
+    from backends.tvm.cpu import generic
+    from backends.tvm.cpu.search import template_rules
 
+    conv, mm = template_rules(choices)
     with target:
         return dl.ApplyDefaultSchedule(
-            conv2d.BlockedConv2D(),
+            conv,
             dl.cpu.GEMV(),
-            matmul.Matmul(),
+            mm,
             # Not dl.cpu.Reduction: it makes a 1000-class softmax 1000x slower
             # (2.3 ms against 2.5 us unscheduled on a 2-core x86).
             generic.SpatialReduction(),

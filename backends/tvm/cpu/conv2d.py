@@ -21,9 +21,9 @@ from typing import Any
 
 import tvm
 from tvm import relax, s_tir, te, tirx
-from tvm.s_tir import dlight as dl
 
-from backends.tvm.cpu.target import int8_dot_intrinsic, parallel_worthwhile, vector_registers
+from backends.tvm.cpu.target import int8_dot_intrinsic, num_cores, parallel_worthwhile, vector_registers
+from backends.tvm.cpu.templates import Config, TemplateRule
 
 DENSE = "conv2d_nchwc"
 DENSE_INT8 = "conv2d_nchwc_int8"
@@ -243,20 +243,40 @@ def column_limit(registers: int, vectors: int = 2) -> int:
     return min(14, (registers - vectors - 1) // vectors)
 
 
-class BlockedConv2D(dl.cpu.base.CPUScheduleRule if hasattr(dl, "cpu") else dl.ScheduleRule):
-    """Schedule the kernels that hold a blocked convolution (dense or depthwise)."""
+class BlockedConv2D(TemplateRule):
+    """Schedule the kernels that hold a blocked convolution (dense or depthwise).
 
-    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
+    Knobs: ``columns`` and ``vectors`` of the register tile, ``parallel``
+    (rows over the cores or not), ``order`` of the parallel rows
+    (``channels``: a block of output channels outside the output rows, its
+    weights reused across the rows; ``rows``: an input row reused across
+    the channel blocks)."""
+
+    def knobs(self, func: tirx.PrimFunc, target: tvm.target.Target) -> dict[str, list] | None:
         sch = s_tir.Schedule(func)
         conv = _find_block(sch, (DENSE, DENSE_INT8, DEPTHWISE))
         if conv is None:
             return None
-        try:
-            _schedule(sch, conv, target)
-        except Exception:  # a schedule primitive refused: fall back to the next rule
+        loops = sch.get_loops(conv)
+        width, blocks = _extent(sch, loops[3]), _extent(sch, loops[1])
+        registers = vector_registers(target)
+        columns, vectors = register_tile(width, blocks, registers)
+        parallel = parallel_worthwhile(target, macs=_loop_product(sch, loops))
+        other_vectors = [v for v in (1, 2, 4) if v != vectors and blocks % v == 0 and column_limit(registers, v) >= 2]
+        other_columns = sorted({column_tile(width, limit) for limit in (4, 6, 8, 10, 12, 14)} - {columns})
+        return {
+            "columns": [columns, *other_columns],
+            "vectors": [vectors, *other_vectors],
+            "parallel": [parallel, not parallel] if num_cores(target) > 1 else [False],
+            "order": ["channels", "rows"],
+        }
+
+    def schedule(self, func: tirx.PrimFunc, target: tvm.target.Target, config: Config) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        conv = _find_block(sch, (DENSE, DENSE_INT8, DEPTHWISE))
+        if conv is None:
             return None
+        _schedule(sch, conv, target, config)
         return sch
 
 
@@ -273,20 +293,24 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
+def _loop_product(sch: s_tir.Schedule, loops) -> int:
+    total = 1
+    for loop in loops:
+        total *= _extent(sch, loop)
+    return total
+
+
+def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target, config: Config) -> None:
     loops = sch.get_loops(conv)
     n, oc, oh, ow, oc_inner = loops[:5]
     reduction = loops[5:]
     # int8: the four channels of one dot-product lane stay inside the vector.
     dot = reduction.pop() if sch.get(conv).name_hint == DENSE_INT8 else None
-    columns, vectors = register_tile(_extent(sch, ow), _extent(sch, oc), vector_registers(target))
-    macs = 1
-    for loop in loops:
-        macs *= _extent(sch, loop)
-    parallel = parallel_worthwhile(target, macs=macs)
+    columns, vectors, parallel = config["columns"], config["vectors"], config["parallel"]
     oc_outer, oc_tile = sch.split(oc, [None, vectors])
     ow_outer, ow_tile = sch.split(ow, [None, columns])
-    sch.reorder(n, oc_outer, oh, ow_outer, *reduction, ow_tile, oc_tile, oc_inner, *([dot] if dot else []))
+    outer = (n, oc_outer, oh) if config["order"] == "channels" else (n, oh, oc_outer)
+    sch.reorder(*outer, ow_outer, *reduction, ow_tile, oc_tile, oc_inner, *([dot] if dot else []))
     # The tile accumulates in a local buffer the compiler keeps in registers.
     acc = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(acc, ow_outer, preserve_unit_loops=True)
@@ -295,7 +319,7 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
     sch.unroll(ow_tile)
     if dot is None:  # int8: the dot-product intrinsic covers it
         sch.vectorize(oc_inner)
-    rows = sch.fuse(n, oc_outer, oh)
+    rows = sch.fuse(*outer)
     # The blocked, zero-padded copy of the input is made in parallel up front.
     pack = _find_block(sch, (PACK,))
     if pack is not None:

@@ -17,9 +17,10 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from backends.tvm.cpu.generic import GuardedRule, _extent, _inline_producers, _iter_kinds, parallel_vectorize
+from backends.tvm.cpu.generic import _extent, _inline_producers, _iter_kinds, parallel_vectorize
 from backends.tvm.cpu.layout import map_functions
-from backends.tvm.cpu.target import parallel_worthwhile, vector_lanes
+from backends.tvm.cpu.target import num_cores, parallel_worthwhile, vector_lanes
+from backends.tvm.cpu.templates import Config, TemplateRule
 
 # Fewer multiply-adds than this are left to the generic rules: tiling does not pay.
 _MIN_MACS = 1 << 15
@@ -65,39 +66,65 @@ class _PadColumns(PyExprMutator):
         return relax.op.strided_slice(product, axes=[rank - 1], begin=[0], end=[columns])
 
 
-def _divisor_tile(extent: int, candidates: list[int]) -> int:
-    return next((c for c in candidates if c <= extent and extent % c == 0), 1)
+def _divisors(extent: int, candidates: list[int]) -> list[int]:
+    return [c for c in candidates if c <= extent and extent % c == 0]
 
 
-class Matmul(GuardedRule):
-    def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
+class Matmul(TemplateRule):
+    """Knobs: ``rows`` (tile_i) and ``columns`` (tile_j, whole vectors or
+    halves) of the register tile, ``order`` (which operand's tiles run
+    outside), ``parallel``."""
+
+    def _matmul(self, sch: s_tir.Schedule):
+        """(the inlined blocks, the matmul block) or None."""
         blocks = _inline_producers(sch, list(sch.get_child_blocks(sch.get_sblock("root"))))
         reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
         if len(reductions) != 1:
             return None
-        mm = reductions[0]
-        kinds = _iter_kinds(sch, mm)
-        loops = sch.get_loops(mm)
+        kinds = _iter_kinds(sch, reductions[0])
+        loops = sch.get_loops(reductions[0])
         if len(loops) != len(kinds) or len(kinds) < 3 or kinds != "S" * (len(kinds) - 1) + "R":
             return None
-        *batch, i, j, k = loops
+        return blocks, reductions[0]
+
+    def knobs(self, func: tirx.PrimFunc, target: tvm.target.Target) -> dict[str, list] | None:
+        sch = s_tir.Schedule(func)
+        found = self._matmul(sch)
+        if found is None:
+            return None
+        *batch, i, j, k = sch.get_loops(found[1])
         m, n, depth = _extent(sch, i), _extent(sch, j), _extent(sch, k)
         if min(m, n, depth) <= 0 or m * n * depth < _MIN_MACS:
             return None
         lanes = vector_lanes(target)
+        columns = _divisors(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
+        if not columns or columns[0] < 4:
+            return None
+        rows = _divisors(m, [6, 5, 4, 8, 3, 2]) or [1]
         batches = 1
         for loop in batch:
             batches *= _extent(sch, loop)
         parallel = parallel_worthwhile(target, macs=batches * m * n * depth)
-        tile_j = _divisor_tile(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
-        if tile_j < 4:
+        return {
+            "rows": rows,
+            "columns": [c for c in columns if c >= 4],
+            "order": ["rows", "columns"] if m >= n else ["columns", "rows"],
+            "parallel": [parallel, not parallel] if num_cores(target) > 1 else [False],
+        }
+
+    def schedule(self, func: tirx.PrimFunc, target: tvm.target.Target, config: Config) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        found = self._matmul(sch)
+        if found is None:
             return None
-        tile_i = _divisor_tile(m, [6, 5, 4, 8, 3, 2])
+        blocks, mm = found
+        *batch, i, j, k = sch.get_loops(mm)
+        tile_i, tile_j, parallel = config["rows"], config["columns"], config["parallel"]
         io, ii = sch.split(i, [None, tile_i])
         jo, ji = sch.split(j, [None, tile_j])
-        # The larger operand's slice stays in cache across the other's tiles.
-        first, second = (io, jo) if m >= n else (jo, io)
+        # The outer operand's slice stays in cache across the other's tiles
+        # (by default the larger one's).
+        first, second = (io, jo) if config["order"] == "rows" else (jo, io)
         sch.reorder(*batch, first, second, k, ii, ji)
         acc = sch.cache_write(mm, 0, "local")
         sch.reverse_compute_at(acc, second, preserve_unit_loops=True)
