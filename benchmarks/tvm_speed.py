@@ -18,10 +18,11 @@ onnxruntime; the geometric mean of the ratios closes the table.  With
 ``--int8`` each model is first quantized as a user does it (``graphopt opt
 -p simplify,quantize-static --calib random:16``) and both runtimes run that
 QDQ file; fidelity is each one's worst-output cosine to onnxruntime's fp32
-outputs, side by side.  Neither
-runtime spins between calls (onnxruntime's ``allow_spinning=0``, TVM's
-``TVM_THREAD_POOL_SPIN_COUNT=0``): a pool left spinning after its own run
-steals a core from the other runtime's next one.  Light
+outputs, side by side.  onnxruntime's pool does not spin
+(``allow_spinning=0``); TVM's runs with the runner's default (workers spin
+about a millisecond after a kernel, then sleep), and every call is followed
+by an untimed busy wait of ``PAUSE_S`` so that a pool still spinning after its
+own run does not steal a core from the other runtime's next one.  Light
 models get randomized weights (their constant fills would make every output
 equal), so the outputs are compared for real.
 """
@@ -46,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import models  # noqa: E402
 
 DEFAULT_MODELS = "squeezenet,resnet50,ppocr_det,ppocr_rec,ppocr_cls"
+# Untimed wait after every timed call: longer than any pool's spinning.
+PAUSE_S = 0.002
 
 
 def ort_runner(path: Path, feed: dict[str, np.ndarray], threads: int):
@@ -97,6 +100,15 @@ def worst_cosine(got: list[np.ndarray], want: list[np.ndarray]) -> float:
     return min(cos)
 
 
+def pause(seconds: float) -> None:
+    """Wait busily: a sleeping main thread lets the core clock down and the
+    next runner start cold, which a deployed model called back to back does
+    not see."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def median_ms(runners: dict, repeat: int) -> dict[str, float]:
     for fn in runners.values():  # warm-up
         fn()
@@ -106,6 +118,7 @@ def median_ms(runners: dict, repeat: int) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - t0)
+            pause(PAUSE_S)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -133,7 +146,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (TVM uses the physical cores)")
     ap.add_argument("--int8", action="store_true", help="time the quantize-static QDQ model in both runtimes")
     args = ap.parse_args()
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
     print(f"threads: onnxruntime {args.threads}, TVM {os.cpu_count()} logical cores (num-cores = physical)")
     fidelity = "cosine to fp32: ORT / TVM" if args.int8 else "max rel diff"

@@ -143,12 +143,23 @@ def build(mod: Any, target: Any, options: CompileOptions) -> tuple[Any, dict[str
         raise CompileError(f"TVM build for {target.kind.name} failed: {_message(exc)}") from None
 
 
+# sched_yield() calls an idle TVM worker makes before it sleeps (TVM's
+# default is 300000, a third of a second of spinning after every run).
+# About a millisecond: the workers stay awake across the gaps between one
+# run's kernels (waking a sleeping worker cost ~35 us per parallel kernel
+# on a 2-core VM: SqueezeNet ran 1.4x slower with 0) and sleep soon after
+# the run, leaving the cores to the rest of the process.
+RUNNER_SPIN_COUNT = 1000
+
+
 def _size_thread_pool() -> None:
     """One TVM worker per usable physical core, unless ``TVM_NUM_THREADS``
     says otherwise: TVM's default is half the logical CPUs on x86 (it assumes
-    two threads per core).  The pool reads the variable when it starts, at
-    the first parallel kernel."""
+    two threads per core); workers spin briefly (``RUNNER_SPIN_COUNT``)
+    unless ``TVM_THREAD_POOL_SPIN_COUNT`` says otherwise.  The pool reads
+    both when it starts, at the first parallel kernel."""
     os.environ.setdefault("TVM_NUM_THREADS", str(_targets.usable_cores()))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(RUNNER_SPIN_COUNT))
 
 
 class TVMRunner(Runner):
