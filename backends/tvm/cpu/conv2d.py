@@ -324,6 +324,15 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target, config: Conf
     pack = _find_block(sch, (PACK,))
     if pack is not None:
         _parallel_vectorized(sch, pack, parallel)
+    # Elementwise work on the epilogue's other operands (the residual's
+    # dequantize) is inlined into the epilogue instead of making its own
+    # pass over a full tensor.
+    for block in _blocks_before(sch, conv):
+        if sch.get(block).name_hint != PACK:
+            try:
+                sch.compute_inline(block)
+            except Exception:  # not inlinable: it stays a pass of its own
+                _parallel_vectorized(sch, block, parallel)
     # Unblocking and the fused epilogue (bias, activation, residual add) run
     # per output row, right after it, while it is in cache.
     for block in _inline_chain(sch, _blocks_after(sch, conv, skip=acc)):
@@ -353,6 +362,13 @@ def _inline_chain(sch: s_tir.Schedule, blocks: list) -> list:
         except Exception:  # an output, or not inlinable: keep it as a step
             left.append(block)
     return left + blocks[-1:]
+
+
+def _blocks_before(sch: s_tir.Schedule, block) -> list:
+    """The root's blocks before ``block`` in program order."""
+    children = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in children]
+    return children[:names.index(sch.get(block).name_hint)]
 
 
 def _blocks_after(sch: s_tir.Schedule, block, skip) -> list:
