@@ -214,3 +214,32 @@ def test_compiled_qdq_model_runs_on_dot_product_kernels(tmp_path):
     kernels = schedule.default_schedule(schedule.lower_to_kernels(mod, target), target)
     int8 = [f.script() for gv, f in kernels.functions_items() if "conv2d_nchwc_int8" in gv.name_hint]
     assert len(int8) == 4 and all("vpdpbusd" in s for s in int8)
+
+
+def test_quantize_steps_between_float_ops_round_half_to_even_like_onnx():
+    """A quantize -> dequantize step between float ops becomes float
+    clip(round(y / s)) * s, a lone quantize cast(clip(round(y / s) + z)),
+    both rounding half to even as onnxruntime does: x / s lands on ties."""
+    from onnx import parser
+
+    model = parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 8] x) => (float[1, 8] y, uint8[1, 8] q2) {
+            s = Constant <value = float {0.5}> ()
+            z = Constant <value = uint8 {10}> ()
+            r = Relu (x)
+            q = QuantizeLinear (r, s, z)
+            d = DequantizeLinear (q, s, z)
+            y = Sigmoid (d)
+            q2 = QuantizeLinear (x, s, z)
+        }""")
+    x = np.array([[0.25, 0.75, 1.25, -0.75, -1.25, 3.0, 200.0, -9.0]], F)
+    lowered, stats = lower_qdq(from_onnx(model, shape_dict={"x": [1, 8]}))
+    assert stats["float_rounding"] == {"quantize_dequantize": 1, "quantize": 1}
+    ex = tvm.compile(lowered, target="llvm")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0].numpy(), want[0], rtol=1e-6)
+    np.testing.assert_array_equal(got[1].numpy(), want[1])

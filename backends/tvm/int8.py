@@ -333,6 +333,70 @@ class _Lowering(PyExprMutator):
         return self._requantize(acc, corrected, acc_scale / sy, [channels], zy, qmin, qmax, out_dtype)
 
 
+@mutator
+class _FloatRounding(PyExprMutator):
+    """Per-tensor quantize / dequantize left between float ops, in the
+    cheapest exact float form (rounding half to even, as ONNX specifies):
+
+    * ``dequantize(quantize(y, s, z), s, z)``, a quantization step between
+      two float ops (a QDQ model quantizes each piece of a HardSwish), is
+      ``clip(round(y / s), qmin - z, qmax - z) * s``: no integer tensor, no
+      casts, no zero point;
+    * any other ``quantize(y, s, z)`` is ``cast(clip(round(y / s) + z))``.
+    """
+
+    def __init__(self, mod: tvm.IRModule, pairs: bool) -> None:
+        super().__init__(mod)
+        self.mod_ = mod
+        self.pairs = pairs  # this pass rewrites the pairs, or (after) the lone quantize ops
+        self.done: Counter = Counter()
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+    def _params(self, call) -> tuple[float, int] | None:
+        try:
+            scale = _scalar(self._value(call.args[1]), "scale")
+            zero = int(round(_scalar(self._value(call.args[2]), "zero point")))
+        except _Skip:
+            return None
+        return (scale, zero) if scale > 0 else None
+
+    def _value(self, expr):
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        return expr if bound is None else bound
+
+    def visit_call_(self, call):  # noqa: D401 - visitor hook
+        call = self.visit_expr_post_order(call)
+        name = _op_name(call)
+        if self.pairs and name == "relax.dequantize" and _dtype(call) == "float32":
+            inner = self._value(call.args[0])
+            if _op_name(inner) == "relax.quantize" and _dtype(inner.args[0]) == "float32":
+                params, inner_params = self._params(call), self._params(inner)
+                if params is not None and params == inner_params and str(inner.attrs.out_dtype) in _QRANGE:
+                    scale, zero = params
+                    qmin, qmax = _QRANGE[str(inner.attrs.out_dtype)]
+                    steps = relax.op.round(relax.op.divide(inner.args[0], relax.const(np.float32(scale))))
+                    steps = relax.op.clip(steps, float(qmin - zero), float(qmax - zero))
+                    self.done["quantize_dequantize"] += 1
+                    return relax.op.multiply(steps, relax.const(np.float32(scale)))
+        if not self.pairs and name == "relax.quantize" and _dtype(call.args[0]) == "float32" \
+                and str(call.attrs.out_dtype) in _QRANGE:
+            params = self._params(call)
+            if params is not None:
+                scale, zero = params
+                qmin, qmax = _QRANGE[str(call.attrs.out_dtype)]
+                q = relax.op.round(relax.op.divide(call.args[0], relax.const(np.float32(scale))))
+                if zero:
+                    q = relax.op.add(q, relax.const(np.float32(zero)))
+                self.done["quantize"] += 1
+                return relax.op.astype(relax.op.clip(q, float(qmin), float(qmax)), str(call.attrs.out_dtype))
+        return call
+
+
 def _count_float_kernels(mod: tvm.IRModule) -> Counter:
     found: Counter = Counter()
 
@@ -358,10 +422,16 @@ def lower_qdq(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
     lowering = _Lowering(mod)
     new = lowering.run()
     new = relax.transform.DeadCodeElimination()(new)
+    done: Counter = Counter()
+    for pairs in (True, False):
+        rounding = _FloatRounding(new, pairs)
+        new = relax.transform.DeadCodeElimination()(rounding.run())
+        done.update(rounding.done)
     stats: dict[str, Any] = {
         "rewritten": {k: v for k, v in lowering.done.items() if k != "passthrough"},
         "passthrough": lowering.done.get("passthrough", 0),
         "left_float": dict(lowering.left),
         "float_kernels": dict(_count_float_kernels(new)),
+        "float_rounding": dict(done),
     }
     return new, stats
