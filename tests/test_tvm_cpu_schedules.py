@@ -305,6 +305,11 @@ def test_blocked_pooling_and_reductions_on_odd_shapes(pool):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), pool, helper.make_node("Relu", ["p"], ["y"])]
     model = _model(nodes, [3, 5, 11, 7], inits)
     _assert_matches_onnxruntime(model, rng.standard_normal((3, 5, 11, 7)).astype(F), rtol=1e-4, atol=1e-5)
+    kernels, target = _kernels(model, [3, 5, 11, 7])
+    scheduled = schedule.default_schedule(kernels, target)
+    reductions = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+                  and any(k in gv.name_hint for k in ("pool", "mean", "softmax"))]
+    assert reductions and all(f.attrs.get("tirx.is_scheduled") and "vectorized" in f.script() for f in reductions)
 
 
 @pytest.mark.parametrize("shape", [[3, 7, 37], [2, 5, 64]])

@@ -147,9 +147,12 @@ class SpatialReduction(GuardedRule):
                 parallel_vectorize(sch, block, target, parallel)
         if parallel and _extent(sch, outer) > 1:
             sch.parallel(outer)
-        init = sch.decompose_reduction(red, reduce[0])
+        # Vectorized while the block is still a reduction (with its init):
+        # afterwards its update block no longer qualifies.
         if vectorize:
             sch.vectorize(inner)
+        init = sch.decompose_reduction(red, reduce[0])
+        if vectorize:
             sch.vectorize(sch.get_loops(init)[-1])
         return sch
 
