@@ -119,6 +119,17 @@ def _dtype(expr: relax.Expr) -> str:
     return str(getattr(expr.ty, "dtype", ""))
 
 
+def unblock(blocked: relax.Expr) -> relax.Expr:
+    """[N, C/b, H, W, b] back to NCHW as a transpose and a reshape, not a
+    ``layout_transform``: those are injective, so they fuse into the
+    consumer's kernel (a depth-to-space reads the blocked tensor in one
+    pass) and loop in the destination's order, where a layout transform
+    loops in the source's and scatters every lane of its stores (a
+    96x160x160 unblocking took 2.4 ms)."""
+    n, cb, h, w, b = (int(d) for d in blocked.ty.shape)
+    return relax.op.reshape(relax.op.permute_dims(blocked, [0, 1, 4, 2, 3]), [n, cb * b, h, w])
+
+
 @mutator
 class _PlanLayouts(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int, int8_dot: bool = False, registers: int = 32):
@@ -163,10 +174,7 @@ class _PlanLayouts(PyExprMutator):
         """Make the NCHW form of every blocked var ``value`` reads."""
         for var in relax.analysis.free_vars(value):
             if var in self.blocked and var not in self.plain:
-                b = self.b
-                plain = self.builder_.emit(
-                    relax.op.layout_transform(self.blocked[var], index_map=lambda n, c, h, w, i: (n, c * b + i, h, w)),
-                    var.name)
+                plain = self.builder_.emit(unblock(self.blocked[var]), var.name)
                 self.plain[var] = plain
                 self.set_var_remap(var, plain)
 
