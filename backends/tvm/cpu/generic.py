@@ -179,13 +179,20 @@ class RowReduction(GuardedRule):
     the elementwise steps vectorized."""
 
     def _apply(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+        try:
+            return self._rows(func, target, tails=True)
+        except Exception:  # loop partitioning fails on some kernels (log-softmax): whole vectors only
+            return self._rows(func, target, tails=False)
+
+    def _rows(self, func: tirx.PrimFunc, target: tvm.target.Target, tails: bool) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
         kinds = [_iter_kinds(sch, b) for b in blocks]
         last = kinds[-1]
         if len(blocks) < 2 or "R" in last or len(last) < 2 or not any("R" in k for k in kinds):
             return None
-        if any(len(k) != len(last) or "R" in k[:-1] or len(sch.get_loops(b)) != len(k)
+        row_scalar = "S" * (len(last) - 1)  # a per-row value: the mean, the variance
+        if any(len(sch.get_loops(b)) != len(k) or not (k == row_scalar or (len(k) == len(last) and "R" not in k[:-1]))
                for b, k in zip(blocks, kinds)):
             return None
         rows = sch.get_loops(blocks[-1])[:-1]
@@ -194,9 +201,12 @@ class RowReduction(GuardedRule):
             sch.compute_at(block, row, preserve_unit_loops=True)
         lanes = vector_lanes(target)
         parallel = parallel_worthwhile(target, elements=loop_product(sch, blocks[-1]) * len(blocks))
-        inner = [sch.get_loops(b)[-1] for b, kind in zip(blocks, kinds) if kind[-1] == "S"]
+        inner = [sch.get_loops(b)[-1] for b, kind in zip(blocks, kinds) if kind[-1] == "S" and kind != row_scalar]
         for loop in inner:  # partitioning a loop replaces its block: loops first, then the primitives
-            vectorize_with_tail(sch, loop, lanes)
+            if tails:
+                vectorize_with_tail(sch, loop, lanes)
+            elif _extent(sch, loop) % lanes == 0:
+                sch.vectorize(sch.split(loop, [None, lanes])[1])
         if parallel:
             sch.parallel(row)
         return sch
