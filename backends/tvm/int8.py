@@ -354,6 +354,7 @@ class _FloatRounding(PyExprMutator):
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
+                self.uses = _use_counts(func)
                 self.builder_.update_func(gv, self.visit_expr(func))
         return self.builder_.get()
 
@@ -372,7 +373,10 @@ class _FloatRounding(PyExprMutator):
     def visit_call_(self, call):  # noqa: D401 - visitor hook
         call = self.visit_expr_post_order(call)
         name = _op_name(call)
-        if self.pairs and name == "relax.dequantize" and _dtype(call) == "float32":
+        # A quantized tensor that integer kernels also read stays: its
+        # dequantize is cheap, and the quantize fuses into its producer.
+        if self.pairs and name == "relax.dequantize" and _dtype(call) == "float32" \
+                and self.uses.get(call.args[0], 0) == 1:
             inner = self._value(call.args[0])
             if _op_name(inner) == "relax.quantize" and _dtype(inner.args[0]) == "float32":
                 params, inner_params = self._params(call), self._params(inner)
@@ -395,6 +399,17 @@ class _FloatRounding(PyExprMutator):
                 self.done["quantize"] += 1
                 return relax.op.astype(relax.op.clip(q, float(qmin), float(qmax)), str(call.attrs.out_dtype))
         return call
+
+
+def _use_counts(func: relax.Function) -> Counter:
+    """How many bindings (and the function's result) read each variable."""
+    uses: Counter = Counter()
+    body = func.body
+    for block in body.blocks:
+        for binding in block.bindings:
+            uses.update(relax.analysis.free_vars(binding.value))
+    uses.update(relax.analysis.free_vars(body.body))
+    return uses
 
 
 def _count_float_kernels(mod: tvm.IRModule) -> Counter:
