@@ -67,3 +67,40 @@ def progress(
         for item in iterable:
             yield item
             bar.advance(task)
+
+
+class StatusReport:
+    """Progress of long work step by step: a transient ``rich`` bar on a
+    terminal, one line per step otherwise (logs, CI); lines printed while the
+    bar shows go above it.  Subclasses report their steps."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+        self._task = None
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(f"graphopt: {text}")
+        else:
+            print(f"graphopt: {text}", file=sys.stderr, flush=True)
+
+    def start_bar(self, verb: str, description: str, total: int, counted: bool = True) -> None:
+        """Show the bar (on a terminal only): ``graphopt: <verb> <description>``,
+        with ``done/total`` when ``counted``."""
+        if not self.enabled or not sys.stderr.isatty():
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = [TextColumn(f"graphopt: {verb} {{task.description}}"), BarColumn(),
+                   *([MofNCompleteColumn()] if counted else []), TimeElapsedColumn()]
+        self._bar = Progress(*columns, console=console(), transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -383,8 +383,7 @@ class _FloatRounding(PyExprMutator):
                 if params is not None and params == inner_params and str(inner.attrs.out_dtype) in _QRANGE:
                     scale, zero = params
                     qmin, qmax = _QRANGE[str(inner.attrs.out_dtype)]
-                    steps = relax.op.round(relax.op.divide(inner.args[0], relax.const(np.float32(scale))))
-                    steps = relax.op.clip(steps, float(qmin - zero), float(qmax - zero))
+                    steps = relax.op.clip(_steps(inner.args[0], scale), float(qmin - zero), float(qmax - zero))
                     self.done["quantize_dequantize"] += 1
                     return relax.op.multiply(steps, relax.const(np.float32(scale)))
         if not self.pairs and name == "relax.quantize" and _dtype(call.args[0]) == "float32" \
@@ -393,12 +392,18 @@ class _FloatRounding(PyExprMutator):
             if params is not None:
                 scale, zero = params
                 qmin, qmax = _QRANGE[str(call.attrs.out_dtype)]
-                q = relax.op.round(relax.op.divide(call.args[0], relax.const(np.float32(scale))))
+                q = _steps(call.args[0], scale)
                 if zero:
                     q = relax.op.add(q, relax.const(np.float32(zero)))
                 self.done["quantize"] += 1
                 return relax.op.astype(relax.op.clip(q, float(qmin), float(qmax)), str(call.attrs.out_dtype))
         return call
+
+
+def _steps(y, scale: float):
+    """``round(y / scale)``: quantization steps, ties to even, before the
+    zero point and the clip."""
+    return relax.op.round(relax.op.divide(y, relax.const(np.float32(scale))))
 
 
 def _use_counts(func: relax.Function) -> Counter:

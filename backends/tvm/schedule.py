@@ -37,6 +37,7 @@ from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from graphopt.console import StatusReport
 from graphopt.errors import UsageError
 
 # Seed of the tuning search, so that two tuning runs of one model agree.
@@ -78,6 +79,7 @@ def build(
     rpc_config = parse_rpc(rpc) if rpc else None
     if rpc_config is not None:
         check_tracker(rpc_config)
+    _LAST_SUMMARY.clear()
     mod = bind_params(mod)
     mod = lower_to_kernels(mod, target)
     templates = None
@@ -85,7 +87,6 @@ def build(
         from backends.tvm.cpu import search
 
         templates = search.TemplateDatabase.open(tune_db)
-        _LAST_SUMMARY.clear()
         if tune_minutes > 0:
             _LAST_SUMMARY["template_search"] = search.search(mod, target, tune_minutes, templates,
                                                              rpc_config=rpc_config, progress=progress)
@@ -560,49 +561,24 @@ def _search_strategy(learned: bool, per_iter: int) -> ms.SearchStrategy:
     )
 
 
-class _Reporter:
+class _Reporter(StatusReport):
     """A rich bar on a terminal; one status line per measured batch otherwise."""
 
     def __init__(self, enabled: bool, n_kernels: int, n_cached: int, trials: int) -> None:
-        self.enabled = enabled
+        super().__init__(enabled)
         self.n_kernels = n_kernels
         self.n_cached = n_cached
         self.trials = trials
         self.done = 0
         self.best: dict[str, float] = {}
-        self._bar = None
-        self._task = None
         self._t0 = time.monotonic()
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.console.print(f"graphopt: {text}")
-        else:
-            print(f"graphopt: {text}", file=sys.stderr, flush=True)
 
     def start(self, names: list[str]) -> None:
         self.line(
             f"tuning {len(names)} of {self.n_kernels} kernels ({self.n_cached} from the database), "
             f"{self.trials} trials"
         )
-        if not self.enabled or not sys.stderr.isatty():
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from graphopt.console import console
-
-        self._bar = Progress(
-            TextColumn("graphopt: tuning {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console(),
-            transient=True,
-        )
-        self._bar.start()
-        self._task = self._bar.add_task(names[0], total=self.trials)
+        self.start_bar("tuning", names[0], self.trials)
 
     def measured(self, name: str, n: int, secs: list[float]) -> None:
         self.done += n
@@ -616,9 +592,7 @@ class _Reporter:
             self.line(f"tuning {name}: {n} trials, {best_txt} [{self.done}/{self.trials}]")
 
     def stop(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        super().stop()
         if self.done:
             self.line(f"tuned {self.done} trials in {time.monotonic() - self._t0:.0f} s")
 

@@ -22,6 +22,7 @@ from typing import Any
 import tvm
 from tvm import relax, s_tir, te, tirx
 
+from backends.tvm.cpu.generic import loop_product
 from backends.tvm.cpu.target import int8_dot_intrinsic, num_cores, parallel_worthwhile, vector_registers
 from backends.tvm.cpu.templates import Config, TemplateRule
 
@@ -261,7 +262,7 @@ class BlockedConv2D(TemplateRule):
         width, blocks = _extent(sch, loops[3]), _extent(sch, loops[1])
         registers = vector_registers(target)
         columns, vectors = register_tile(width, blocks, registers)
-        parallel = parallel_worthwhile(target, macs=_loop_product(sch, loops))
+        parallel = parallel_worthwhile(target, macs=loop_product(sch, conv))
         other_vectors = [v for v in (1, 2, 4) if v != vectors and blocks % v == 0 and column_limit(registers, v) >= 2]
         other_columns = sorted({column_tile(width, limit) for limit in (4, 6, 8, 10, 12, 14)} - {columns})
         return {
@@ -291,13 +292,6 @@ def _find_block(sch: s_tir.Schedule, names: tuple[str, ...]):
 
 def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
-
-
-def _loop_product(sch: s_tir.Schedule, loops) -> int:
-    total = 1
-    for loop in loops:
-        total *= _extent(sch, loop)
-    return total
 
 
 def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target, config: Config) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import tvm
 from tvm import relax, tirx
 
 from backends.tvm.cpu.templates import Config, TemplateRule, default_config, kernel_key
+from graphopt.console import StatusReport
 from graphopt.errors import UsageError, first_line
 
 DB_FILE = "graphopt-templates.json"
@@ -418,33 +418,15 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, databas
     return summary
 
 
-class _Report:
-    """A bar over the time budget on a terminal; one line per kernel otherwise."""
+class _Report(StatusReport):
+    """A bar over the kernels on a terminal; one line per kernel otherwise."""
 
     def __init__(self, enabled: bool, n_kernels: int, n_cached: int, minutes: float) -> None:
-        self.enabled = enabled
-        self._bar = None
-        self._task = None
-        self._t0 = time.monotonic()
+        super().__init__(enabled)
         self.line(f"template search over {n_kernels - n_cached} of {n_kernels} kernels "
                   f"({n_cached} from the database), {minutes:g} min")
-        if enabled and sys.stderr.isatty() and n_kernels > n_cached:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            from graphopt.console import console
-
-            self._bar = Progress(TextColumn("graphopt: searching {task.description}"), BarColumn(),
-                                 TimeElapsedColumn(), console=console(), transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task("kernels", total=n_kernels - n_cached)
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.console.print(f"graphopt: {text}")
-        else:
-            print(f"graphopt: {text}", file=sys.stderr, flush=True)
+        if n_kernels > n_cached:
+            self.start_bar("searching", "kernels", n_kernels - n_cached, counted=False)
 
     def kernel(self, i: int, n: int, kernel: Kernel, result: KernelResult | None) -> None:
         if result is None:
@@ -456,9 +438,3 @@ class _Report:
             self._bar.update(self._task, advance=1, description=text)
         else:
             self.line(f"[{i + 1}/{n}] {text}")
-
-    def stop(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-

@@ -58,7 +58,7 @@ class TemplateRule(GuardedRule):
         if knobs is None:
             return None
         default = default_config(knobs)
-        chosen = self.choices.get(kernel_key(func)) if self.choices else None
+        chosen = self.choices.get(kernel_key(func)) if self.choices else None  # no hashing without records
         if chosen and set(chosen) == set(knobs) and all(chosen[k] in knobs[k] for k in knobs):
             return dict(chosen), default
         return default, default
