@@ -14,8 +14,16 @@ run at their pinned shapes on rendered text.  The qemu time is the median of
 ``--runs`` emulated runs after one warm-up: a check that the run finishes, not
 a speed figure for any Arm CPU.
 
+``--int8`` quantizes each model first as a user does (``graphopt opt -p
+simplify,quantize-static --calib random:16``) and compiles the QDQ model for
+``--target`` (default: AArch64 with dotprod, so the int8 convolutions run on
+``sdot``; the JSON of an i8mm CPU gets ``usdot``).  Integer kernels round
+where onnxruntime's QDQ reference does, so the check is agreement with it
+(cosine >= 0.999, worst output) and fidelity to the fp32 model next to
+onnxruntime's own.
+
     python benchmarks/arm_qemu.py [--models squeezenet,resnet50,ppocr_cls,ppocr_rec] [--runs 2]
-                                  [--setup-only] [--json OUT]
+                                  [--int8] [--target PRESET|JSON] [--setup-only] [--json OUT]
 """
 from __future__ import annotations
 
@@ -38,6 +46,8 @@ from aarch64_guest import (  # noqa: E402
 )
 
 GOAL = 1e-4
+INT8_GOAL = 0.999  # cosine to onnxruntime on the same QDQ model
+DOTPROD = '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}'
 DEFAULT_MODELS = "squeezenet,resnet50,ppocr_cls,ppocr_rec"
 
 
@@ -61,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--via", choices=["script", "rpc"], default="script",
                     help="script: a Python script in the guest loads the library; rpc: a TVM RPC server in the "
                          "guest, driven from this host with tvm.rpc (upload, load_module, relax VM)")
+    ap.add_argument("--int8", action="store_true", help="quantize-static each model and check the QDQ artifact")
+    ap.add_argument("--target", help=f"aarch64 target: a preset or TVM target JSON (default: aarch64; "
+                                     f"with --int8 {DOTPROD})")
     ap.add_argument("--setup-only", action="store_true", help="set up qemu and the arm64 root, then stop")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -88,16 +101,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"arm_qemu: {exc}", file=sys.stderr)
             return 2
         print(f"TVM RPC server under qemu on 127.0.0.1:{server.port}", file=sys.stderr, flush=True)
+    target = args.target or (DOTPROD if args.int8 else "aarch64")
     rows = []
     with tempfile.TemporaryDirectory(prefix="arm-qemu-bench-") as tmp_name:
         tmp = Path(tmp_name)
         for name, src in models.select(args.models).items():
             row: dict = {"model": name}
             path = prepare(name, src, tmp)
+            feed = models.task_inputs(name, src)
+            fp32 = None
+            if args.int8:
+                fp32 = models.run_onnxruntime(path, feed)
+                path = models.quantize_static(path, name, tmp / f"{name}.qdq.onnx")
             out = tmp / f"{name}_aarch64"
-            row.update(compile_aarch64(path, out, models.shape_flags(name, src), args.timeout))
+            row.update(compile_aarch64(path, out, models.shape_flags(name, src), args.timeout, target))
             if "error" not in row:
-                feed = models.task_inputs(name, src)
                 want_list = models.run_onnxruntime(path, feed)
                 manifest = json.loads((out / "manifest.json").read_text())
                 want = dict(zip([o["name"] for o in manifest["outputs"]], want_list))
@@ -110,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                     row["error"] = str(exc)[:300]
                 else:
                     row["rel_err"] = max(relative_error(got[k], want[k]) for k in want)
+                    if fp32 is not None:
+                        row["cosine_ort"] = models.worst_cosine([got[k] for k in want], list(want.values()))
+                        row["fp32_cosine"] = [models.worst_cosine(list(want.values()), fp32),
+                                              models.worst_cosine([got[k] for k in want], fp32)]
+                        row["int8"] = manifest.get("int8", {}).get("rewritten")
                     row["qemu_s"] = statistics.median(report["seconds"]) if report["seconds"] else None
                     row["guest"] = {k: report[k] for k in ("machine", "tvm", "runtime_only")}
                     row["via"] = args.via
@@ -119,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if server is not None:
         server.close()
 
+    if args.int8:
+        return _int8_table(rows, target, args.json)
     print("| model | compile s (host) | guest | rel. error vs onnxruntime | <= 1e-4 | qemu run s (emulated) |")
     print("| --- | ---: | --- | ---: | --- | ---: |")
     for r in rows:
@@ -131,6 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if all("error" not in r and r["rel_err"] <= GOAL for r in rows) else 1
+
+
+def _int8_table(rows: list[dict], target: str, json_out: str | None) -> int:
+    print(f"target: {target}")
+    print("| model | compile s (host) | integer kernels | cosine to onnxruntime (same QDQ) | >= 0.999 "
+          "| cosine to fp32: ORT / TVM aarch64 | qemu run s (emulated) |")
+    print("| --- | ---: | --- | ---: | --- | --- | ---: |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | - | - | - | no: {r['error']} | - | - |")
+            continue
+        ok = "yes" if r["cosine_ort"] >= INT8_GOAL else "no"
+        ort, tvm_ = r["fp32_cosine"]
+        print(f"| {r['model']} | {r['compile_s']:.1f} | {r['int8']} | {r['cosine_ort']:.6f} | {ok} | "
+              f"{ort:.5f} / {tvm_:.5f} | {r['qemu_s']:.2f} |")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0 if all("error" not in r and r["cosine_ort"] >= INT8_GOAL for r in rows) else 1
 
 
 if __name__ == "__main__":

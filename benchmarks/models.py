@@ -181,6 +181,24 @@ def run_onnxruntime(
     return sess.run(None, feed)
 
 
+def quantize_static(path: Path, name: str, out: Path) -> Path:
+    """``graphopt opt -p simplify,quantize-static --calib random:16`` as a user runs it."""
+    cmd = [sys.executable, "-m", "graphopt.cli", "opt", str(path), "-o", str(out), "-q", "-p",
+           "simplify,quantize-static", "--calib", "random:16", *shape_flags(name, path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: graphopt opt failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def worst_cosine(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    cos = []
+    for a, b in zip(got, want):
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
+    return min(cos)
+
+
 def node_count(path: str | os.PathLike) -> int:
     """Nodes of the main graph (what optimizers report as 'nodes')."""
     return len(onnx.load(str(path), load_external_data=False).graph.node)

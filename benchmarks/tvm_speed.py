@@ -82,24 +82,6 @@ def artifact_runner(folder: Path, feed: dict[str, np.ndarray]):
     return lambda: list(runner.run_checked(arrays).values())
 
 
-def quantize(path: Path, name: str, out: Path) -> Path:
-    """``graphopt opt -p simplify,quantize-static --calib random:16`` as a user runs it."""
-    cmd = [sys.executable, "-m", "graphopt.cli", "opt", str(path), "-o", str(out), "-q", "-p",
-           "simplify,quantize-static", "--calib", "random:16", *models.shape_flags(name, path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: graphopt opt failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return out
-
-
-def worst_cosine(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    cos = []
-    for a, b in zip(got, want):
-        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
-    return min(cos)
-
-
 def pause(seconds: float) -> None:
     """Wait busily: a sleeping main thread lets the core clock down and the
     next runner start cold, which a deployed model called back to back does
@@ -161,7 +143,7 @@ def main() -> None:
             fp32 = None
             if args.int8:
                 fp32 = [np.asarray(v) for v in ort_runner(path, feed, args.threads)()]
-                path = quantize(path, name, work / f"{name}.qdq.onnx")
+                path = models.quantize_static(path, name, work / f"{name}.qdq.onnx")
             compile_s = [compile_artifact(path, name, work / f"{name}.default", [])]
             runners = {"ort": ort_runner(path, feed, args.threads),
                        "default": artifact_runner(work / f"{name}.default", feed)}
@@ -177,7 +159,7 @@ def main() -> None:
                         scale = float(np.max(np.abs(want))) or 1.0
                         diff = max(diff, float(np.max(np.abs(np.asarray(got) - want))) / scale)
             agreement = f"{diff:.1e}" if fp32 is None else \
-                f"{worst_cosine(ref, fp32):.5f} / {worst_cosine(runners['default'](), fp32):.5f}"
+                f"{models.worst_cosine(ref, fp32):.5f} / {models.worst_cosine(runners['default'](), fp32):.5f}"
             ms = median_ms(runners, args.repeat)
             ratios.append(ms["default"] / ms["ort"])
             if "tuned" in ms:

@@ -318,9 +318,10 @@ def run_artifact(qemu: str, root: Path, artifact: Path, feed: dict[str, np.ndarr
     return dict(zip(names, values)), report
 
 
-def compile_aarch64(model: Path, out: Path, flags: list[str], timeout: float) -> dict:
-    """``graphopt compile --target aarch64`` in its own process; one retry after a crash (signal)."""
-    cmd = [sys.executable, "-m", "graphopt.cli", "compile", str(model), "--backend", "tvm", "--target", "aarch64",
+def compile_aarch64(model: Path, out: Path, flags: list[str], timeout: float, target: str = "aarch64") -> dict:
+    """``graphopt compile --target aarch64`` (or another aarch64 ``target``) in
+    its own process; one retry after a crash (signal)."""
+    cmd = [sys.executable, "-m", "graphopt.cli", "compile", str(model), "--backend", "tvm", "--target", target,
            "-o", str(out), "-q", *flags]
     crashes = []
     for _ in range(2):

@@ -107,3 +107,31 @@ def test_conv_relu_through_tvm_rpc_under_qemu(aarch64_artifact):
         got, _ = guest.run_artifact_rpc(server, out, {"x": x}, runs=1, timeout=600)
     assert server.proc.poll() is not None  # the server under qemu is gone after the block
     check_against_onnxruntime(got, x)
+
+
+@pytest.mark.slow
+def test_int8_qdq_model_runs_on_sdot_under_qemu(tmp_path):
+    """A QDQ model compiled for AArch64 with dotprod (its convolutions on
+    ``sdot``, activations shifted to int8) runs under qemu and gives
+    onnxruntime's numbers to the quantization step."""
+    pytest.importorskip("tvm")
+    from test_tvm_int8 import _output_scale, _qdq, _residual_cnn, _run_ort
+
+    qemu, root = guest.find_qemu(), guest.root_ready()[0]
+    if qemu is None or root is None:
+        pytest.skip(guest.root_ready()[1] or "qemu-aarch64 not installed (Debian: apt-get install qemu-user)")
+    from backends.tvm.targets import find_linker, missing_linker
+
+    if find_linker("aarch64") is None:
+        pytest.skip(missing_linker("aarch64"))
+    qdq = _qdq(_residual_cnn())
+    onnx.save(qdq, str(tmp_path / "q.onnx"))
+    target = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
+    result = guest.compile_aarch64(tmp_path / "q.onnx", tmp_path / "art", [], timeout=600, target=target)
+    assert "error" not in result, result["error"]
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["int8"]["rewritten"] == {"conv2d": 4}
+    x = np.random.default_rng(1).standard_normal((1, 3, 13, 11)).astype(np.float32)
+    got, report = guest.run_artifact(qemu, root, tmp_path / "art", {"x": x}, runs=1, timeout=600)
+    assert report["machine"] == "aarch64"
+    steps = np.abs(got["y"] - _run_ort(qdq, x)) / _output_scale(qdq)
+    assert steps.max() <= 1.0 + 1e-6

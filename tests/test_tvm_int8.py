@@ -193,10 +193,10 @@ def test_compiled_qdq_model_runs_on_dot_product_kernels(tmp_path):
     import backends
     from backends import CompileOptions
     from backends.tvm import schedule
-    from backends.tvm.cpu.target import int8_dot_intrinsic
+    from backends.tvm.cpu.target import int8_dot
     from backends.tvm.targets import host_arch, host_llvm
 
-    if host_arch() != "x86_64" or int8_dot_intrinsic(tvm.target.Target(host_llvm())) is None:
+    if host_arch() != "x86_64" or int8_dot(tvm.target.Target(host_llvm())) is None:
         pytest.skip("this CPU has no AVX-512 VNNI")
     qdq = _qdq(_residual_cnn())
     onnx.save(qdq, tmp_path / "q.onnx")
@@ -214,6 +214,46 @@ def test_compiled_qdq_model_runs_on_dot_product_kernels(tmp_path):
     kernels = schedule.default_schedule(schedule.lower_to_kernels(mod, target), target)
     int8 = [f.script() for gv, f in kernels.functions_items() if "conv2d_nchwc_int8" in gv.name_hint]
     assert len(int8) == 4 and all("vpdpbusd" in s for s in int8)
+
+
+_ARM = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+
+
+def _arm_kernels(qdq: onnx.ModelProto, mattr: list[str]) -> tuple[tvm.IRModule, list[str]]:
+    """The Relax-with-TIR module planned and legalized for an AArch64 target
+    with ``mattr``, and the scripts of its scheduled int8 convolutions."""
+    from backends.tvm import schedule
+
+    target = schedule._normalized_target(tvm.target.Target({**_ARM, "mattr": mattr}))
+    mod, _ = lower_qdq(schedule.bind_params(from_onnx(qdq, shape_dict={"x": [1, 3, 13, 11]})))
+    lowered = schedule.lower_to_kernels(mod, target)
+    # scheduling may rewrite the module it is given in place: give it a copy
+    scheduled = schedule.default_schedule(tvm.IRModule(dict(lowered.functions_items())), target)
+    return lowered, [f.script() for gv, f in scheduled.functions_items() if "conv2d_nchwc_int8" in gv.name_hint]
+
+
+@pytest.mark.parametrize("mattr,instruction,data", [
+    (["+neon", "+dotprod"], "llvm.aarch64.neon.sdot", "int8"),
+    (["+neon", "+dotprod", "+i8mm"], "llvm.aarch64.neon.usdot", "uint8"),
+])
+def test_arm_dot_product_kernels_compute_the_integers_onnxruntime_does(mattr, instruction, data):
+    """AArch64 int8 convolutions run on ``sdot`` (dotprod: signed bytes only,
+    so the uint8 activations are shifted by -128, padded with -128, and
+    128 * sum(W) is added back) or ``usdot`` (i8mm: uint8 x int8 as they
+    are).  The planned module's integer arithmetic, run here on this
+    machine's CPU, is onnxruntime's to the quantization step."""
+    qdq = _qdq(_residual_cnn())
+    lowered, int8 = _arm_kernels(qdq, mattr)
+    assert len(int8) == 4
+    assert all(f'"{instruction}"' in s and f'T.reinterpret("{data}x16"' in s for s in int8)
+    if data == "int8":
+        tir = "".join(f.script() for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+        assert "T.int8(-128)" in tir, "a zero-point-0 activation must pad with -128 once shifted"
+    ex = tvm.compile(lowered, target="llvm")
+    x = np.random.default_rng(1).standard_normal((1, 3, 13, 11)).astype(F)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    steps = np.abs(got - _run_ort(qdq, x)) / _output_scale(qdq)
+    assert steps.max() <= 1.0 + 1e-6
 
 
 def test_quantize_steps_between_float_ops_round_half_to_even_like_onnx():

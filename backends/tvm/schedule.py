@@ -162,10 +162,10 @@ def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                             relax.transform.CanonicalizeBindings(),
                                             relax.transform.FoldConstant()])(mod)
-        from backends.tvm.cpu.target import int8_dot_intrinsic, vector_registers
+        from backends.tvm.cpu.target import int8_dot, vector_registers
 
         lanes = vector_lanes(target)
-        planned = layout.plan(deconv.rewrite(mod), lanes, int8_dot=int8_dot_intrinsic(target) is not None,
+        planned = layout.plan(deconv.rewrite(mod), lanes, int8_dot=int8_dot(target),
                               registers=vector_registers(target))
         mod = matmul.pad_columns(planned, lanes)
     legalize = {"relax.nn.conv2d": conv2d.legalize_conv2d} if cpu else None

@@ -23,7 +23,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from backends.tvm.cpu.generic import loop_product
-from backends.tvm.cpu.target import int8_dot_intrinsic, num_cores, parallel_worthwhile, vector_registers
+from backends.tvm.cpu.target import int8_dot, num_cores, parallel_worthwhile, vector_registers
 from backends.tvm.cpu.templates import Config, TemplateRule
 
 DENSE = "conv2d_nchwc"
@@ -69,7 +69,7 @@ def _padded(data: te.Tensor, pad: tuple[int, int, int, int]) -> te.Tensor:
 
 
 def _int8_input(data: te.Tensor, pad: tuple[int, int, int, int]) -> te.Tensor:
-    """NCHW uint8 data (channels a multiple of 4) blocked by 16 channels, or
+    """NCHW 8-bit data (channels a multiple of 4) blocked by 16 channels, or
     by 4 where 16 does not divide them, zero-padded."""
     n, c = (int(d) for d in data.shape[:2])
     return _blocked_input(data, 16 if c % 16 == 0 else INT8_GROUP, pad)
@@ -124,10 +124,11 @@ def conv2d_nchwc(data: te.Tensor, weight: te.Tensor, strides, padding, dilation,
 
 def conv2d_nchwc_int8(data: te.Tensor, weight: te.Tensor, strides, padding, dilation, out_dtype: str,
                       out_blocked: bool = False) -> te.Tensor:
-    """uint8 x int8 dense convolution, weight [O/b, I/4, KH, KW, b, 4]: the
-    innermost reduction is the four input channels one dot-product lane
-    (VNNI ``vpdpbusd``) sums.  Data NCHW or [N, C/sb, H, W, sb] (sb a multiple
-    of 4); output NCHW or [N, O/b, OH, OW, b], int32."""
+    """uint8 (or int8) x int8 dense convolution, weight [O/b, I/4, KH, KW, b, 4]:
+    the innermost reduction is the four input channels one dot-product lane
+    (VNNI ``vpdpbusd``, Arm ``sdot``/``usdot``) sums.  Data NCHW or
+    [N, C/sb, H, W, sb] (sb a multiple of 4); output NCHW or
+    [N, O/b, OH, OW, b], int32."""
     oc_blocks, groups, kh, kw, ob, _ = (int(d) for d in weight.shape)
     (sh, sw), (dh, dw), pad, oh, ow = _geometry(data, kh, kw, strides, padding, dilation)
     src = _padded(data, pad) if len(data.shape) == 5 else _int8_input(data, pad)
@@ -342,7 +343,7 @@ def _schedule(sch: s_tir.Schedule, conv, target: tvm.target.Target, config: Conf
     init = sch.decompose_reduction(conv, reduction[0])
     sch.vectorize(sch.get_loops(init)[-1])
     if dot is not None:
-        sch.tensorize(sch.get_loops(conv)[-2], int8_dot_intrinsic(target))
+        sch.tensorize(sch.get_loops(conv)[-2], int8_dot(target).intrinsic)
 
 
 def _inline_chain(sch: s_tir.Schedule, blocks: list) -> list:

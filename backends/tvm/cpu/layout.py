@@ -32,11 +32,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from backends.tvm.cpu.conv2d import column_limit, column_tile
+from backends.tvm.cpu.target import Int8Dot
 
 _op = tvm.ir.Op.get
 _CONV2D = _op("relax.nn.conv2d")
@@ -91,10 +93,10 @@ def blocked_layout(b: int) -> str:
     return f"NCHW{b}c"
 
 
-def plan(mod: tvm.IRModule, lanes: int, int8_dot: bool = False, registers: int = 32) -> tvm.IRModule:
+def plan(mod: tvm.IRModule, lanes: int, int8_dot: Int8Dot | None = None, registers: int = 32) -> tvm.IRModule:
     """Every function of ``mod`` with its layouts planned (see the module doc);
-    with ``int8_dot`` (16-lane uint8 x int8 dot products), quantized dense
-    convolutions too."""
+    with ``int8_dot`` (the target's dot-product instruction, as many int32
+    lanes as ``lanes``), quantized dense convolutions too."""
     return map_functions(mod, lambda: _PlanLayouts(mod, lanes, int8_dot, registers))
 
 
@@ -119,6 +121,11 @@ def _dtype(expr: relax.Expr) -> str:
     return str(getattr(expr.ty, "dtype", ""))
 
 
+def _constant(expr: relax.Expr) -> np.ndarray | None:
+    value = getattr(expr, "value", None)
+    return value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(value, "numpy") else None
+
+
 def unblock(blocked: relax.Expr) -> relax.Expr:
     """[N, C/b, H, W, b] back to NCHW as a transpose and a reshape, not a
     ``layout_transform``: those are injective, so they fuse into the
@@ -132,13 +139,13 @@ def unblock(blocked: relax.Expr) -> relax.Expr:
 
 @mutator
 class _PlanLayouts(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int, int8_dot: bool = False, registers: int = 32):
+    def __init__(self, mod: tvm.IRModule, lanes: int, int8_dot: Int8Dot | None = None, registers: int = 32):
         super().__init__(mod)
         self.columns = column_limit(registers)
         self.mod = mod
         self.lanes = lanes
         self.b = lanes
-        self.int8_dot = int8_dot and lanes == 16
+        self.int8_dot = int8_dot if int8_dot is not None and int8_dot.lanes == lanes else None
         # original NCHW var -> its blocked value; original var -> NCHW value made from it
         self.blocked: dict[relax.Var, relax.Var] = {}
         self.plain: dict[relax.Var, relax.Var] = {}
@@ -328,11 +335,21 @@ class _PlanLayouts(PyExprMutator):
                      out_channels: int, blocked_out: bool) -> tuple[relax.Expr, bool] | None:
         """A dense uint8 x int8 -> int32 convolution on dot-product lanes:
         the weight packed to [O/b, I/4, KH, KW, b, 4] (zero-padded to whole
-        vectors of output channels).  Others stay as they are (TVM's kernels)."""
+        vectors of output channels).  Others stay as they are (TVM's kernels).
+
+        Where the instruction multiplies signed bytes only (Arm ``sdot``),
+        the kernel reads ``x - 128`` as int8 and ``128 * sum(W)`` per output
+        channel is added back: ``sum(x * W) = sum((x - 128) * W) + 128 *
+        sum(W)``, exact in int32.  Its padding then pads with -128 (x = 0)."""
         out_dtype = str(call.attrs.out_dtype or "")
         in_blocked = self._is_blocked(source)
-        if (not self.int8_dot or int(call.attrs.groups) != 1 or (channels % 4 and in_blocked)
+        dot = self.int8_dot
+        if (dot is None or int(call.attrs.groups) != 1 or (channels % 4 and in_blocked)
                 or _dtype(source) != "uint8" or _dtype(weight) != "int8" or out_dtype != "int32"):
+            return None
+        shifted = dot.data == "int8"
+        weights = _constant(weight)
+        if shifted and weights is None:
             return None
         b, group = self.b, 4
         if channels % group:  # an RGB stem: zero channels (data and weights) up to whole fours
@@ -346,21 +363,36 @@ class _PlanLayouts(PyExprMutator):
             weight = self.builder_.emit(relax.op.nn.pad(weight, [0, padded - out_channels, 0, 0, 0, 0, 0, 0]))
         packed = relax.op.layout_transform(
             weight, index_map=lambda o, i, h, w: (o // b, i // group, h, w, o % b, i % group))
+        padding = [int(p) for p in call.attrs.padding]
+        if shifted:
+            data = self.builder_.emit(relax.op.astype(
+                relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8"))
+            if any(padding):
+                top, left, bottom, right = padding
+                widths = [0, 0, 0, 0, top, bottom, left, right] + ([0, 0] if in_blocked else [])
+                data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=-128.0))
+                padding = [0, 0, 0, 0]
         conv = self._emit_conv(call, data, packed, f"OIHW{b}o{group}i",
                                blocked_layout(b) if in_blocked else "NCHW",
-                               blocked_layout(b) if blocked_out else "NCHW")
+                               blocked_layout(b) if blocked_out else "NCHW", padding)
+        if shifted:
+            sums = np.zeros(padded, np.int64)
+            sums[:out_channels] = weights.astype(np.int64).sum(axis=(1, 2, 3)) * 128
+            shape = [1, padded // b, 1, 1, b] if blocked_out else [1, padded, 1, 1]
+            conv = relax.op.add(self.builder_.emit(conv), relax.const(sums.astype(np.int32).reshape(shape)))
         if padded != out_channels:
             conv = relax.op.strided_slice(self.builder_.emit(conv), axes=[1], begin=[0], end=[out_channels])
         return conv, blocked_out
 
     def _emit_conv(self, call: relax.Call, data: relax.Expr, packed: relax.Expr, kernel_layout: str,
-                   data_layout: str, out_layout: str) -> relax.Expr:
+                   data_layout: str, out_layout: str, padding: list[int] | None = None) -> relax.Expr:
         """The packed convolution.  An output width with no divisor near the
         register tile (111 = 3 x 37) is computed to the next whole number of
         tiles, on extra zero padding at the right, and sliced back: a tile
-        with a tail would predicate every step of the reduction."""
+        with a tail would predicate every step of the reduction.  ``padding``
+        replaces the call's (its data padded already)."""
         attrs = call.attrs
-        padding = [int(p) for p in attrs.padding]
+        padding = [int(p) for p in (attrs.padding if padding is None else padding)]
         width = (_static_shape(call) or [0, 0, 0, 0])[3]
         extra = 0
         if width > self.columns and width % column_tile(width, self.columns):

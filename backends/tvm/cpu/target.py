@@ -1,6 +1,7 @@
 """What a schedule needs to know about a CPU target."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import tvm
@@ -53,7 +54,7 @@ def vector_registers(target: tvm.target.Target) -> int:
     if "avx512f" in cpu_features(target):
         return 32
     triple = str(target.attrs.get("mtriple", "")) or _host_triple()
-    return 32 if triple.startswith(("aarch64", "arm64", "riscv")) else 16
+    return 32 if _is_aarch64(target) or triple.startswith("riscv") else 16
 
 
 def _host_triple() -> str:
@@ -86,13 +87,43 @@ def parallel_worthwhile(target: tvm.target.Target, macs: int = 0, elements: int 
     return macs / macs_per_us + elements / _ELEMENTS_PER_US > PARALLEL_MIN_US
 
 
-def int8_dot_intrinsic(target: tvm.target.Target) -> str | None:
-    """The registered tensor intrinsic that sums four uint8 x int8 products
-    into each int32 lane of a vector on ``target``, or None: AVX-512 VNNI
-    ``vpdpbusd`` (16 lanes).  Without VNNI, x86's ``vpmaddubsw`` saturates
-    its 16-bit pair sums, so it is not used: those kernels stay exact."""
-    if "avx512vnni" in cpu_features(target) and "avx512f" in cpu_features(target):
-        from backends.tvm.cpu.intrinsics import vnni_16x4_local
+@dataclasses.dataclass(frozen=True)
+class Int8Dot:
+    """A dot-product instruction int8 convolutions run on: each of its
+    ``lanes`` int32 accumulators adds four products of activation bytes
+    (``data``: uint8, or int8 where the instruction multiplies signed bytes
+    only) and int8 weights."""
 
-        return vnni_16x4_local()
-    return None
+    intrinsic: str  # the registered tensor intrinsic (backends.tvm.cpu.intrinsics)
+    lanes: int
+    data: str
+
+
+def int8_dot(target: tvm.target.Target) -> Int8Dot | None:
+    """The dot product int8 convolutions use on ``target``, or None (they stay
+    TVM's kernels):
+
+    * AVX-512 VNNI ``vpdpbusd``: uint8 x int8, 16 lanes;
+    * AArch64 i8mm ``usdot``: uint8 x int8, 4 lanes;
+    * AArch64 dotprod ``sdot``: int8 x int8, 4 lanes; uint8 activations are
+      shifted by -128 first and the shift's ``128 * sum(W)`` added back
+      (``backends.tvm.cpu.layout``).
+
+    Without VNNI, x86's ``vpmaddubsw`` saturates its 16-bit pair sums, so it
+    is not used: those kernels stay exact."""
+    from backends.tvm.cpu import intrinsics
+
+    features = cpu_features(target)
+    name = None
+    if "avx512vnni" in features and "avx512f" in features:
+        name = "vpdpbusd"
+    elif _is_aarch64(target) and "neon" in features:
+        name = "usdot" if "i8mm" in features else "sdot" if "dotprod" in features else None
+    if name is None:
+        return None
+    return Int8Dot(intrinsics.dot_intrinsic(name), *intrinsics.dot_operands(name))
+
+
+def _is_aarch64(target: tvm.target.Target) -> bool:
+    triple = str(target.attrs.get("mtriple", "")) or _host_triple()
+    return triple.startswith(("aarch64", "arm64"))
