@@ -217,19 +217,36 @@ def test_compiled_qdq_model_runs_on_dot_product_kernels(tmp_path):
 
 
 _ARM = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+_X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 
 
-def _arm_kernels(qdq: onnx.ModelProto, mattr: list[str]) -> tuple[tvm.IRModule, list[str]]:
-    """The Relax-with-TIR module planned and legalized for an AArch64 target
-    with ``mattr``, and the scripts of its scheduled int8 convolutions."""
+def _kernels(qdq: onnx.ModelProto, target: dict) -> tuple[tvm.IRModule, tvm.IRModule, list[str]]:
+    """The module planned and legalized for ``target``, the same scheduled,
+    and the scripts of its scheduled int8 (dot-product) convolutions."""
     from backends.tvm import schedule
 
-    target = schedule._normalized_target(tvm.target.Target({**_ARM, "mattr": mattr}))
+    target = schedule._normalized_target(tvm.target.Target(target))
     mod, _ = lower_qdq(schedule.bind_params(from_onnx(qdq, shape_dict={"x": [1, 3, 13, 11]})))
     lowered = schedule.lower_to_kernels(mod, target)
     # scheduling may rewrite the module it is given in place: give it a copy
     scheduled = schedule.default_schedule(tvm.IRModule(dict(lowered.functions_items())), target)
-    return lowered, [f.script() for gv, f in scheduled.functions_items() if "conv2d_nchwc_int8" in gv.name_hint]
+    return lowered, scheduled, [f.script() for gv, f in scheduled.functions_items()
+                                if "conv2d_nchwc_int8" in gv.name_hint]
+
+
+def _steps_on_host(qdq: onnx.ModelProto, mod: tvm.IRModule, target: dict | str = "llvm") -> float:
+    """Quantization steps between ``mod`` built for ``target`` and run here, and onnxruntime."""
+    ex = tvm.compile(mod, target=tvm.target.Target(target))
+    x = np.random.default_rng(1).standard_normal((1, 3, 13, 11)).astype(F)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    return float((np.abs(got - _run_ort(qdq, x)) / _output_scale(qdq)).max())
+
+
+def _host_has(*features: str) -> bool:
+    from backends.tvm.cpu.target import cpu_features
+    from backends.tvm.targets import host_arch, host_llvm
+
+    return host_arch() == "x86_64" and set(features) <= cpu_features(tvm.target.Target(host_llvm()))
 
 
 @pytest.mark.parametrize("mattr,instruction,data", [
@@ -243,17 +260,57 @@ def test_arm_dot_product_kernels_compute_the_integers_onnxruntime_does(mattr, in
     are).  The planned module's integer arithmetic, run here on this
     machine's CPU, is onnxruntime's to the quantization step."""
     qdq = _qdq(_residual_cnn())
-    lowered, int8 = _arm_kernels(qdq, mattr)
+    lowered, _, int8 = _kernels(qdq, {**_ARM, "mattr": mattr})
     assert len(int8) == 4
     assert all(f'"{instruction}"' in s and f'T.reinterpret("{data}x16"' in s for s in int8)
     if data == "int8":
         tir = "".join(f.script() for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
         assert "T.int8(-128)" in tir, "a zero-point-0 activation must pad with -128 once shifted"
-    ex = tvm.compile(lowered, target="llvm")
-    x = np.random.default_rng(1).standard_normal((1, 3, 13, 11)).astype(F)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    steps = np.abs(got - _run_ort(qdq, x)) / _output_scale(qdq)
-    assert steps.max() <= 1.0 + 1e-6
+    assert _steps_on_host(qdq, lowered) <= 1.0 + 1e-6
+
+
+def test_avx2_runs_seven_bit_weights_on_vpmaddubsw_and_the_rest_in_float():
+    """AVX2 without VNNI: ``vpmaddubsw`` sums byte pairs in a saturating
+    int16, so only convolutions whose weights cannot saturate run on it
+    (``reduce-range=true`` quantizes weights to 7 bits); 8-bit weights run
+    as exact small integers on the float templates.  Both give onnxruntime's
+    numbers."""
+    haswell = {**_X86, "mcpu": "haswell"}
+    seven = _qdq(_residual_cnn(), "reduce-range=true")
+    _, scheduled, int8 = _kernels(seven, haswell)
+    assert len(int8) == 4 and all('"llvm.x86.avx2.pmadd.ub.sw"' in s for s in int8)
+    eight = _qdq(_residual_cnn())
+    _, scheduled8, int8 = _kernels(eight, haswell)
+    assert int8 == []
+    floats = [gv.name_hint for gv, f in scheduled8.functions_items() if "conv2d_nchwc" in gv.name_hint]
+    assert len(floats) == 4, floats
+    if not _host_has("avx2", "fma"):
+        pytest.skip("this CPU cannot run AVX2 code")
+    assert _steps_on_host(seven, scheduled, haswell) <= 1.0 + 1e-6
+    assert _steps_on_host(eight, scheduled8, haswell) <= 1.0 + 1e-6
+
+
+def test_avx_vnni_runs_int8_on_256_bit_vpdpbusd():
+    lowered, scheduled, int8 = _kernels(_qdq(_residual_cnn()), {**_X86, "mcpu": "alderlake"})
+    assert len(int8) == 4 and all('"llvm.x86.avx512.vpdpbusd.256"' in s for s in int8)
+    if not _host_has("avx2", "avxvnni"):
+        pytest.skip("this CPU has no AVX-VNNI")
+    assert _steps_on_host(_qdq(_residual_cnn()), scheduled, {**_X86, "mcpu": "alderlake"}) <= 1.0 + 1e-6
+
+
+def test_byte_pairs_fit_int16_up_to_128_per_sign():
+    from backends.tvm.cpu.intrinsics import pairs_fit_int16
+
+    w = np.zeros((2, 4, 1, 1), np.int8)
+    w[0, 0, 0, 0], w[0, 1, 0, 0] = 100, 28      # 255 * 128 = 32640 fits
+    w[1, 2, 0, 0], w[1, 3, 0, 0] = -64, -64
+    assert pairs_fit_int16(w)
+    w[0, 1, 0, 0] = 29                            # 255 * 129 overflows
+    assert not pairs_fit_int16(w)
+    w[0, 1, 0, 0] = -127                          # opposite signs never add up
+    assert pairs_fit_int16(w)
+    w[1, 1, 0, 0] = 127                           # channels 1 and 2 are not a pair
+    assert pairs_fit_int16(w)
 
 
 def test_quantize_steps_between_float_ops_round_half_to_even_like_onnx():

@@ -38,6 +38,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from backends.tvm.cpu.conv2d import column_limit, column_tile
+from backends.tvm.cpu.intrinsics import pairs_fit_int16
 from backends.tvm.cpu.target import Int8Dot
 
 _op = tvm.ir.Op.get
@@ -298,7 +299,8 @@ class _PlanLayouts(PyExprMutator):
             return None
         channels, out_channels = dshape[1], wshape[0]
         groups = int(attrs.groups)
-        if _dtype(source) == "uint8" and _dtype(weight) == "int8":
+        integer = _dtype(source) in ("uint8", "int8") and _dtype(weight) == "int8" and _dtype(call) == "int32"
+        if integer and _dtype(source) == "uint8":
             planned = self._conv2d_int8(call, source, weight, channels, out_channels, blocked_out)
             if planned is not None:
                 return planned
@@ -308,7 +310,15 @@ class _PlanLayouts(PyExprMutator):
         in_blocked = self._is_blocked(source)
         data = self.blocked[source] if in_blocked else self.visit_expr(source)
         data_layout = blocked_layout(self.b) if in_blocked else "NCHW"
-        blocked_out = blocked_out and out_channels % self.b == 0 and _dtype(call) in _FLOATS
+        blocked_out = blocked_out and out_channels % self.b == 0 and (integer or _dtype(call) in _FLOATS)
+        if integer:
+            # No dot-product kernel for it: the byte products and their sums
+            # are integers float32 holds exactly (to 2**24, beyond which the
+            # requantization's own float32 rounds anyway), and the float
+            # templates run them on FMAs, where int32 vectors multiply slowly.
+            data = self.builder_.emit(relax.op.astype(data, "float32"))
+            weight = self.builder_.emit(relax.op.astype(weight, "float32"))
+        out_dtype = "float32" if integer else None
         if depthwise:
             b = self.b if (blocked_out or in_blocked) else block_size(out_channels, self.lanes)
             if b is None or out_channels % b:
@@ -318,7 +328,8 @@ class _PlanLayouts(PyExprMutator):
                 relax.op.reshape(weight, (out_channels // b, b, kh, kw)), [0, 2, 3, 1]),
                 (out_channels // b, 1, kh, kw, 1, b))
             out_layout = blocked_layout(b) if blocked_out else "NCHW"
-            return self._emit_conv(call, data, packed, f"OIHW1i{b}o", data_layout, out_layout), blocked_out
+            conv = self._emit_conv(call, data, packed, f"OIHW1i{b}o", data_layout, out_layout, out_dtype=out_dtype)
+            return (relax.op.astype(self.builder_.emit(conv), "int32") if integer else conv), blocked_out
         b, padded = (self.b, out_channels) if blocked_out else output_block(out_channels, self.lanes)
         ib = self.b if in_blocked else input_block(channels, b)
         if padded != out_channels:
@@ -326,21 +337,23 @@ class _PlanLayouts(PyExprMutator):
         packed = relax.op.layout_transform(
             weight, index_map=lambda o, i, h, w: (o // b, i // ib, h, w, i % ib, o % b))
         conv = self._emit_conv(call, data, packed, f"OIHW{ib}i{b}o", data_layout,
-                               blocked_layout(b) if blocked_out else "NCHW")
+                               blocked_layout(b) if blocked_out else "NCHW", out_dtype=out_dtype)
         if padded != out_channels:
             conv = relax.op.strided_slice(self.builder_.emit(conv), axes=[1], begin=[0], end=[out_channels])
-        return conv, blocked_out
+        return (relax.op.astype(self.builder_.emit(conv), "int32") if integer else conv), blocked_out
 
     def _conv2d_int8(self, call: relax.Call, source: relax.Expr, weight: relax.Expr, channels: int,
                      out_channels: int, blocked_out: bool) -> tuple[relax.Expr, bool] | None:
         """A dense uint8 x int8 -> int32 convolution on dot-product lanes:
         the weight packed to [O/b, I/4, KH, KW, b, 4] (zero-padded to whole
-        vectors of output channels).  Others stay as they are (TVM's kernels).
+        vectors of output channels).  Others are computed in float.
 
         Where the instruction multiplies signed bytes only (Arm ``sdot``),
         the kernel reads ``x - 128`` as int8 and ``128 * sum(W)`` per output
         channel is added back: ``sum(x * W) = sum((x - 128) * W) + 128 *
-        sum(W)``, exact in int32.  Its padding then pads with -128 (x = 0)."""
+        sum(W)``, exact in int32.  Its padding then pads with -128 (x = 0).
+        Where it sums byte pairs in a saturating int16 (AVX2), only weights
+        whose pairs cannot saturate run on it."""
         out_dtype = str(call.attrs.out_dtype or "")
         in_blocked = self._is_blocked(source)
         dot = self.int8_dot
@@ -349,7 +362,9 @@ class _PlanLayouts(PyExprMutator):
             return None
         shifted = dot.data == "int8"
         weights = _constant(weight)
-        if shifted and weights is None:
+        if (shifted or dot.pairs_int16) and weights is None:
+            return None
+        if dot.pairs_int16 and not pairs_fit_int16(weights):
             return None
         b, group = self.b, 4
         if channels % group:  # an RGB stem: zero channels (data and weights) up to whole fours
@@ -385,12 +400,14 @@ class _PlanLayouts(PyExprMutator):
         return conv, blocked_out
 
     def _emit_conv(self, call: relax.Call, data: relax.Expr, packed: relax.Expr, kernel_layout: str,
-                   data_layout: str, out_layout: str, padding: list[int] | None = None) -> relax.Expr:
+                   data_layout: str, out_layout: str, padding: list[int] | None = None,
+                   out_dtype: str | None = None) -> relax.Expr:
         """The packed convolution.  An output width with no divisor near the
         register tile (111 = 3 x 37) is computed to the next whole number of
         tiles, on extra zero padding at the right, and sliced back: a tile
         with a tail would predicate every step of the reduction.  ``padding``
-        replaces the call's (its data padded already)."""
+        replaces the call's (its data padded already), ``out_dtype`` its
+        accumulator type (int8 computed in float)."""
         attrs = call.attrs
         padding = [int(p) for p in (attrs.padding if padding is None else padding)]
         width = (_static_shape(call) or [0, 0, 0, 0])[3]
@@ -401,7 +418,7 @@ class _PlanLayouts(PyExprMutator):
         conv = relax.op.nn.conv2d(
             data, self.builder_.emit(packed), strides=attrs.strides, padding=padding,
             dilation=attrs.dilation, groups=attrs.groups, data_layout=data_layout, kernel_layout=kernel_layout,
-            out_layout=out_layout, out_dtype=attrs.out_dtype)
+            out_layout=out_layout, out_dtype=out_dtype or attrs.out_dtype)
         if not extra:
             return conv
         return relax.op.strided_slice(self.builder_.emit(conv), axes=[3], begin=[0], end=[width])

@@ -97,31 +97,40 @@ class Int8Dot:
     intrinsic: str  # the registered tensor intrinsic (backends.tvm.cpu.intrinsics)
     lanes: int
     data: str
+    # products summed in pairs in a saturating int16 (AVX2 vpmaddubsw): exact
+    # only for weights intrinsics.pairs_fit_int16 accepts
+    pairs_int16: bool = False
 
 
 def int8_dot(target: tvm.target.Target) -> Int8Dot | None:
     """The dot product int8 convolutions use on ``target``, or None (they stay
     TVM's kernels):
 
-    * AVX-512 VNNI ``vpdpbusd``: uint8 x int8, 16 lanes;
+    * AVX-512 VNNI ``vpdpbusd``: uint8 x int8, 16 lanes; AVX-VNNI: 8 lanes;
+    * AVX2 ``vpmaddubsw`` + ``vpmaddwd``: uint8 x int8, 8 lanes, its pair
+      sums saturating int16: used only for weights that cannot saturate
+      (7-bit weights, as ``quantize-static{reduce-range=true}`` makes);
     * AArch64 i8mm ``usdot``: uint8 x int8, 4 lanes;
     * AArch64 dotprod ``sdot``: int8 x int8, 4 lanes; uint8 activations are
       shifted by -128 first and the shift's ``128 * sum(W)`` added back
       (``backends.tvm.cpu.layout``).
 
-    Without VNNI, x86's ``vpmaddubsw`` saturates its 16-bit pair sums, so it
-    is not used: those kernels stay exact."""
+    Other convolutions stay TVM's kernels."""
     from backends.tvm.cpu import intrinsics
 
     features = cpu_features(target)
     name = None
     if "avx512vnni" in features and "avx512f" in features:
         name = "vpdpbusd"
+    elif "avxvnni" in features and "avx2" in features and "avx512f" not in features:
+        name = "vpdpbusd256"
+    elif "avx2" in features and "avx512f" not in features:
+        name = "vpmaddubsw"
     elif _is_aarch64(target) and "neon" in features:
         name = "usdot" if "i8mm" in features else "sdot" if "dotprod" in features else None
     if name is None:
         return None
-    return Int8Dot(intrinsics.dot_intrinsic(name), *intrinsics.dot_operands(name))
+    return Int8Dot(intrinsics.dot_intrinsic(name), *intrinsics.dot_operands(name), pairs_int16=name == "vpmaddubsw")
 
 
 def _is_aarch64(target: tvm.target.Target) -> bool:
