@@ -16,7 +16,7 @@ a speed figure for any Arm CPU.
 
 ``--int8`` quantizes each model first as a user does (``graphopt opt -p
 simplify,quantize-static --calib random:16``) and compiles the QDQ model for
-``--target`` (default: AArch64 with dotprod, so the int8 convolutions run on
+``--target`` (default ``aarch64-dotprod``, so the int8 convolutions run on
 ``sdot``; the JSON of an i8mm CPU gets ``usdot``).  Integer kernels round
 where onnxruntime's QDQ reference does, so the check is agreement with it
 (cosine >= 0.999, worst output) and fidelity to the fp32 model next to
@@ -47,7 +47,7 @@ from aarch64_guest import (  # noqa: E402
 
 GOAL = 1e-4
 INT8_GOAL = 0.999  # cosine to onnxruntime on the same QDQ model
-DOTPROD = '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}'
+DOTPROD = "aarch64-dotprod"
 DEFAULT_MODELS = "squeezenet,resnet50,ppocr_cls,ppocr_rec"
 
 

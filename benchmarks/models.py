@@ -181,10 +181,11 @@ def run_onnxruntime(
     return sess.run(None, feed)
 
 
-def quantize_static(path: Path, name: str, out: Path) -> Path:
-    """``graphopt opt -p simplify,quantize-static --calib random:16`` as a user runs it."""
+def quantize_static(path: Path, name: str, out: Path, options: str = "") -> Path:
+    """``graphopt opt -p simplify,quantize-static{options} --calib random:16`` as a user runs it."""
+    pipeline = "simplify,quantize-static" + ("{" + options + "}" if options else "")
     cmd = [sys.executable, "-m", "graphopt.cli", "opt", str(path), "-o", str(out), "-q", "-p",
-           "simplify,quantize-static", "--calib", "random:16", *shape_flags(name, path)]
+           pipeline, "--calib", "random:16", *shape_flags(name, path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name}: graphopt opt failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -2,7 +2,7 @@
 
     python benchmarks/tvm_speed.py [--models squeezenet,resnet50,ppocr_det,ppocr_rec,ppocr_cls]
                                    [--tune-minutes 0] [--trials 0] [--db tvm-tune-db] [--repeat 30]
-                                   [--threads 2] [--int8]
+                                   [--threads 2] [--int8 [--quantize OPTIONS]] [--target x86_64]
 
 Measured as users run it: each model is compiled with
 ``graphopt compile MODEL --target x86_64 -o DIR`` in a subprocess (its wall
@@ -18,7 +18,13 @@ onnxruntime; the geometric mean of the ratios closes the table.  With
 ``--int8`` each model is first quantized as a user does it (``graphopt opt
 -p simplify,quantize-static --calib random:16``) and both runtimes run that
 QDQ file; fidelity is each one's worst-output cosine to onnxruntime's fp32
-outputs, side by side.  onnxruntime's pool does not spin
+outputs, side by side, and the fp32 model's TVM artifact for the same target
+is timed in the same rounds (last column: int8 / fp32).  ``--quantize``
+passes options to quantize-static (``reduce-range=true``: 7-bit weights);
+``--target`` compiles for another x86-64 target this CPU can run (a TVM
+target JSON, e.g. ``{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu":
+"haswell"}`` for AVX2's int8 path), onnxruntime still using all of this
+CPU's features.  onnxruntime's pool does not spin
 (``allow_spinning=0``); TVM's runs with the runner's default (workers spin
 about a millisecond after a kernel, then sleep), and every call is followed
 by an untimed busy wait of ``PAUSE_S`` so that a pool still spinning after its
@@ -63,9 +69,9 @@ def ort_runner(path: Path, feed: dict[str, np.ndarray], threads: int):
     return lambda: sess.run(None, feed)
 
 
-def compile_artifact(path: Path, name: str, out: Path, extra: list[str]) -> float:
+def compile_artifact(path: Path, name: str, out: Path, extra: list[str], target: str = "x86_64") -> float:
     """``graphopt compile`` as a user runs it; returns its wall time."""
-    cmd = [sys.executable, "-m", "graphopt.cli", "compile", str(path), "--target", "x86_64", "-o", str(out), "-q",
+    cmd = [sys.executable, "-m", "graphopt.cli", "compile", str(path), "--target", target, "-o", str(out), "-q",
            *models.shape_flags(name, path), *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -127,12 +133,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (TVM uses the physical cores)")
     ap.add_argument("--int8", action="store_true", help="time the quantize-static QDQ model in both runtimes")
+    ap.add_argument("--quantize", default="", help="quantize-static options with --int8, e.g. reduce-range=true")
+    ap.add_argument("--target", default="x86_64", help="graphopt compile --target (a preset or TVM target JSON)")
     args = ap.parse_args()
 
     print(f"threads: onnxruntime {args.threads}, TVM {os.cpu_count()} logical cores (num-cores = physical)")
     fidelity = "cosine to fp32: ORT / TVM" if args.int8 else "max rel diff"
-    print(f"| model | onnxruntime ms | TVM default ms (x ORT) | TVM tuned ms (x ORT) | {fidelity} | compile s |")
-    print("|---|---|---|---|---|---|")
+    print(f"target: {args.target}")
+    fp32_column = " TVM fp32 ms (int8 / fp32) |" if args.int8 else ""
+    print(f"| model | onnxruntime ms | TVM default ms (x ORT) | TVM tuned ms (x ORT) | {fidelity} | compile s |"
+          + fp32_column)
+    print("|---|---|---|---|---|---|" + ("---|" if args.int8 else ""))
     ratios: list[float] = []
     tuned_ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="graphopt-tvm-speed-") as tmp:
@@ -141,20 +152,24 @@ def main() -> None:
             path = model_file(name, path, work)
             feed = models.sample_inputs(name, path)
             fp32 = None
+            runners = {}
             if args.int8:
                 fp32 = [np.asarray(v) for v in ort_runner(path, feed, args.threads)()]
-                path = models.quantize_static(path, name, work / f"{name}.qdq.onnx")
-            compile_s = [compile_artifact(path, name, work / f"{name}.default", [])]
+                compile_artifact(path, name, work / f"{name}.fp32", [], args.target)
+                runners["fp32"] = artifact_runner(work / f"{name}.fp32", feed)
+                path = models.quantize_static(path, name, work / f"{name}.qdq.onnx", args.quantize)
+            compile_s = [compile_artifact(path, name, work / f"{name}.default", [], args.target)]
             runners = {"ort": ort_runner(path, feed, args.threads),
-                       "default": artifact_runner(work / f"{name}.default", feed)}
+                       "default": artifact_runner(work / f"{name}.default", feed), **runners}
             if args.trials > 0 or args.tune_minutes > 0:
                 tuning = ["--tune-trials", str(args.trials), "--tune-minutes", str(args.tune_minutes)]
-                compile_s.append(compile_artifact(path, name, work / f"{name}.tuned", [*tuning, "--tune-db", args.db]))
+                compile_s.append(compile_artifact(path, name, work / f"{name}.tuned", [*tuning, "--tune-db", args.db],
+                                                  args.target))
                 runners["tuned"] = artifact_runner(work / f"{name}.tuned", feed)
             ref = [np.asarray(v) for v in runners["ort"]()]
             diff = 0.0
             for key, fn in runners.items():
-                if key != "ort":
+                if key not in ("ort", "fp32"):
                     for got, want in zip(fn(), ref):
                         scale = float(np.max(np.abs(want))) or 1.0
                         diff = max(diff, float(np.max(np.abs(np.asarray(got) - want))) / scale)
@@ -166,8 +181,12 @@ def main() -> None:
                 tuned_ratios.append(ms["tuned"] / ms["ort"])
             cells = [f"{ms['ort']:.2f}", f"{ms['default']:.2f} ({ms['default'] / ms['ort']:.2f}x)"]
             cells.append(f"{ms['tuned']:.2f} ({ms['tuned'] / ms['ort']:.2f}x)" if "tuned" in ms else "-")
-            print(f"| {name} | {' | '.join(cells)} | {agreement} | {' / '.join(f'{s:.0f}' for s in compile_s)} |",
-                  flush=True)
+            if "fp32" in ms:
+                cells_end = f" {ms['fp32']:.2f} ({ms['default'] / ms['fp32']:.2f}x) |"
+            else:
+                cells_end = ""
+            print(f"| {name} | {' | '.join(cells)} | {agreement} | {' / '.join(f'{s:.0f}' for s in compile_s)} |"
+                  + cells_end, flush=True)
     if ratios:
         geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         print(f"\ngeomean TVM default / onnxruntime: {geomean:.2f}x; worst {max(ratios):.2f}x")

@@ -298,6 +298,21 @@ def test_avx_vnni_runs_int8_on_256_bit_vpdpbusd():
     assert _steps_on_host(_qdq(_residual_cnn()), scheduled, {**_X86, "mcpu": "alderlake"}) <= 1.0 + 1e-6
 
 
+def test_int8_matmul_by_a_constant_runs_on_the_float_template():
+    """No int8 matmul template: the product of a uint8 activation and an int8
+    constant is computed in float (exact small integers) and cast back, and
+    the numbers stay onnxruntime's."""
+    from backends.tvm.cpu.matmul import plan_matmuls
+
+    qdq = _qdq(_cnn())
+    mod, stats = lower_qdq(from_onnx(qdq))
+    assert stats["rewritten"]["matmul"] == 1
+    planned = plan_matmuls(mod, 16)
+    (mm,) = _calls(planned, "relax.matmul")
+    assert str(mm.ty.dtype) == "float32" and str(mm.args[1].ty.dtype) == "float32"
+    assert _steps(qdq, planned).max() <= 1.0 + 1e-6
+
+
 def test_byte_pairs_fit_int16_up_to_128_per_sign():
     from backends.tvm.cpu.intrinsics import pairs_fit_int16
 

@@ -167,7 +167,7 @@ def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         lanes = vector_lanes(target)
         planned = layout.plan(deconv.rewrite(mod), lanes, int8_dot=int8_dot(target),
                               registers=vector_registers(target))
-        mod = matmul.pad_columns(planned, lanes)
+        mod = matmul.plan_matmuls(planned, lanes)
     legalize = {"relax.nn.conv2d": conv2d.legalize_conv2d} if cpu else None
     passes = [
         relax.transform.DecomposeOpsForInference(),

@@ -227,6 +227,10 @@ PRESETS: dict[str, tuple[str, Callable[[], TargetSpec]]] = {
     "x86_64": ("this machine's x86-64 CPU (its CPU model and features)", _x86_64),
     "aarch64": ("64-bit Arm Linux with NEON (linked by aarch64-linux-gnu-gcc, else zig cc)",
                 _cross("aarch64", "aarch64", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})),
+    "aarch64-dotprod": ("64-bit Arm Linux, ARMv8.2-A with dot products (Cortex-A55/A76 and later, Neoverse N1): "
+                        "int8 convolutions on sdot",
+                        _cross("aarch64", "aarch64", {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                                      "mattr": ["+neon", "+dotprod"]})),
     "armv7": ("32-bit Arm Linux, hard float, NEON (linked by arm-linux-gnueabihf-gcc, else zig cc)",
               _cross("armv7", "arm", {"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mcpu": "cortex-a7",
                                       "mattr": ["+neon", "+vfp4", "+thumb2"], "mfloat-abi": "hard"})),

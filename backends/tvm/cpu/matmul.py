@@ -7,8 +7,9 @@ outside it, so each step is ``tile_i`` broadcasts of ``a`` times the vectors
 of ``b``'s row; tiles spread over the cores; the fused epilogue (bias,
 activation) runs per tile.  Constant right-hand sides arrive as ``[k, j]``
 (the frontend's transposes of constants fold at compile time); where their
-columns are not whole vectors (a 6625-way classifier), :func:`pad_columns`
-pads them with zero columns at compile time and slices the product back.
+columns are not whole vectors (a 6625-way classifier), :func:`plan_matmuls`
+pads them with zero columns at compile time and slices the product back;
+int8 products by constants are computed in float there too.
 """
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ def padded_columns(columns: int, lanes: int) -> int:
     return -(-columns // step) * step
 
 
-def pad_columns(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+def plan_matmuls(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     """``mod`` with every matmul by a constant ``[k, n]`` whose ``n`` is not a
-    multiple of ``lanes`` computed on zero-padded columns and sliced back."""
-    return map_functions(mod, lambda: _PadColumns(mod, lanes))
+    multiple of ``lanes`` computed on zero-padded columns and sliced back,
+    and every int8 one computed in float (as int8 convolutions without a
+    dot-product kernel are: exact small integers, on FMAs)."""
+    return map_functions(mod, lambda: _PlanMatmuls(mod, lanes))
 
 
 @mutator
-class _PadColumns(PyExprMutator):
+class _PlanMatmuls(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
         self.lanes = lanes
@@ -56,14 +59,24 @@ class _PadColumns(PyExprMutator):
         rank = len(call.ty.shape) if getattr(call.ty, "shape", None) is not None else 0
         if weight.ndim != 2 or weight.dtype.kind not in "fi" or rank < 2:
             return call
+        data, out_dtype = call.args[0], call.attrs.out_dtype
+        integer = weight.dtype == np.int8 and str(getattr(data.ty, "dtype", "")) in ("uint8", "int8") \
+            and str(out_dtype) == "int32"
+        if integer:
+            data = self.builder_.emit(relax.op.astype(data, "float32"))
+            weight, out_dtype = weight.astype(np.float32), "float32"
         columns = weight.shape[1]
         padded = padded_columns(columns, self.lanes)
         if columns % self.lanes == 0 or columns < self.lanes:
-            return call
-        wide = np.zeros((weight.shape[0], padded), weight.dtype)
-        wide[:, :columns] = weight
-        product = self.builder_.emit(relax.op.matmul(call.args[0], relax.const(wide), call.attrs.out_dtype))
-        return relax.op.strided_slice(product, axes=[rank - 1], begin=[0], end=[columns])
+            if not integer:
+                return call
+            product = relax.op.matmul(data, relax.const(weight), out_dtype)
+        else:
+            wide = np.zeros((weight.shape[0], padded), weight.dtype)
+            wide[:, :columns] = weight
+            product = self.builder_.emit(relax.op.matmul(data, relax.const(wide), out_dtype))
+            product = relax.op.strided_slice(product, axes=[rank - 1], begin=[0], end=[columns])
+        return relax.op.astype(self.builder_.emit(product), "int32") if integer else product
 
 
 def _divisors(extent: int, candidates: list[int]) -> list[int]:
