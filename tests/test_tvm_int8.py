@@ -298,19 +298,26 @@ def test_avx_vnni_runs_int8_on_256_bit_vpdpbusd():
     assert _steps_on_host(_qdq(_residual_cnn()), scheduled, {**_X86, "mcpu": "alderlake"}) <= 1.0 + 1e-6
 
 
-def test_int8_matmul_by_a_constant_runs_on_the_float_template():
+@pytest.mark.parametrize("rows,compute", [(16, "float32"), (1, "int32")])
+def test_int8_matmul_by_a_constant_runs_on_the_float_template(rows, compute):
     """No int8 matmul template: the product of a uint8 activation and an int8
-    constant is computed in float (exact small integers) and cast back, and
-    the numbers stay onnxruntime's."""
+    constant is computed in float (exact small integers) and cast back,
+    except for a single row, which reads each weight once and is bound by
+    its bytes (int8: a quarter of float's).  The numbers stay onnxruntime's."""
     from backends.tvm.cpu.matmul import plan_matmuls
 
-    qdq = _qdq(_cnn())
+    rng = np.random.default_rng(0)
+    inits = {"w": (rng.standard_normal((32, 24)) * 0.3).astype(F), "b": (rng.standard_normal(24) * 0.1).astype(F)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    qdq = _qdq(make_model(nodes, [vi("x", [rows, 32])], [vi("y", [rows, 24])], inits))
     mod, stats = lower_qdq(from_onnx(qdq))
-    assert stats["rewritten"]["matmul"] == 1
+    assert stats["rewritten"] == {"matmul": 1}
     planned = plan_matmuls(mod, 16)
     (mm,) = _calls(planned, "relax.matmul")
-    assert str(mm.ty.dtype) == "float32" and str(mm.args[1].ty.dtype) == "float32"
-    assert _steps(qdq, planned).max() <= 1.0 + 1e-6
+    assert str(mm.ty.dtype) == compute
+    x = np.random.default_rng(1).standard_normal((rows, 32)).astype(F)
+    steps = np.abs(_run_tvm(planned, x) - _run_ort(qdq, x)) / _output_scale(qdq)
+    assert steps.max() <= 1.0 + 1e-6
 
 
 def test_byte_pairs_fit_int16_up_to_128_per_sign():
