@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fidelity budget for the quantization passes, e.g. 'cosine>=0.99', 'top1>=0.98', "
                           "'max-abs<=0.05' (comma-joined: all must hold): the most sensitive nodes stay in float "
                           "until it holds on held-out --calib samples")
+    add_metric_argument(opt)
     from graphopt import cache, logging_flags
 
     logging_flags.add_arguments(opt)  # -q/--quiet, --json
@@ -141,6 +142,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
     from graphopt.pipeline import load_config, parse
 
     # Everything that can be checked without the model is checked first.
+    register_metrics(args)
     config = load_config(args.config) if args.config else None
     run_opts: dict[str, Any] = dict(config.run) if config else {}
     for key in ("time_passes", "verify_each", "seed", "tolerance", "dump_dir", "print_ir_after", "report",
@@ -422,6 +424,21 @@ def _calib_options(args: argparse.Namespace, run_opts: dict[str, Any]) -> dict[s
         return None
     check_spec(str(spec), preprocess, samples)
     return {"spec": str(spec), "preprocess": preprocess, "samples": samples}
+
+
+def add_metric_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metric", action="append", metavar="NAME=MODULE:FUNCTION",
+                        help="a task metric for fidelity specs, repeatable: NAME=module.path:function or "
+                             "NAME=path/to/file.py:function, called per held-out sample as "
+                             "function(reference, candidate, inputs) -> float, higher is better")
+
+
+def register_metrics(args: argparse.Namespace) -> None:
+    """Load every ``--metric`` so that fidelity specs (the run's and the passes')
+    can name them."""
+    from graphopt import metrics
+
+    metrics.register_options(getattr(args, "metric", None))
 
 
 def _fidelity_option(args: argparse.Namespace, run_opts: dict[str, Any], pipeline: Any,

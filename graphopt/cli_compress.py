@@ -22,6 +22,7 @@ from graphopt.logging_flags import json_summary, run_log
 
 def add_parsers(sub: Any) -> None:
     from graphopt import logging_flags
+    from graphopt.cli import add_metric_argument
 
     p = sub.add_parser("compress", help="search compression pipelines that meet a fidelity target")
     p.add_argument("model", help="input .onnx model (never modified)")
@@ -33,6 +34,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most the first N samples")
     p.add_argument("--fidelity", default="cosine>=0.99", metavar="SPEC",
                    help="target on the held-out samples, e.g. 'cosine>=0.99', 'top1>=0.99' (default cosine>=0.99)")
+    add_metric_argument(p)
     p.add_argument("--objective", default="latency", choices=["latency", "size"],
                    help="what the chosen candidate minimizes (default latency, onnxruntime CPU)")
     p.add_argument("--target", help="compile the result for this target through a backend (e.g. x86_64, "
@@ -60,10 +62,11 @@ def add_parsers(sub: Any) -> None:
 
 @json_summary
 def cmd_compress(args: argparse.Namespace) -> int:
-    from graphopt.cli import _check_output_path, parse_input_shapes
+    from graphopt.cli import _check_output_path, parse_input_shapes, register_metrics
     from graphopt.compress import CompressOptions, compress
     from graphopt.calibration import check_spec
 
+    register_metrics(args)
     output = Path(args.output)
     _check_output_path(output, "-o")
     if Path(args.model).resolve() == output.resolve():
@@ -270,7 +273,10 @@ class _Display:
 def _describe(cand) -> str:
     if cand.status != "ok":
         return f"{cand.status} ({cand.error})"
-    fid = ", ".join(f"{k} {v:.4g}" for k, v in cand.fidelity.items() if k in ("cosine", "top1"))
+    from graphopt.fidelity import METRICS
+
+    shown = [k for k in cand.fidelity if k in ("cosine", "top1") or k not in METRICS]  # and user metrics
+    fid = ", ".join(f"{k} {cand.fidelity[k]:.4g}" for k in shown)
     parts = [fid, "meets target" if cand.met else "misses target"]
     if cand.ratio is not None:
         parts.append(f"latency {cand.latency_ms:.3g} ms ({cand.ratio:.2f}x float)")

@@ -30,7 +30,7 @@ from graphopt import registry
 from graphopt.calibration import CalibrationData, open_reader
 from graphopt.context import PassContext
 from graphopt.errors import GraphoptError, UsageError, first_line
-from graphopt.fidelity import FidelitySpec, MetricAccumulator, parse_fidelity
+from graphopt.fidelity import FidelitySpec, compare_outputs, parse_fidelity
 from graphopt.ir import Model, load, save
 from graphopt.manager import Instrument, PassManager, PassRecord
 from graphopt.pipeline import parse, to_toml
@@ -216,11 +216,9 @@ def _outputs(sess, samples: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str
     return [run(sess, s) for s in samples]
 
 
-def measure_fidelity(sess, samples, references) -> dict[str, float]:
-    acc = MetricAccumulator()
-    for out, ref in zip(_outputs(sess, samples), references):
-        acc.add(out, ref)
-    return acc.values()
+def measure_fidelity(sess, samples, references, user=()) -> dict[str, float]:
+    """Every built-in metric and the ``user`` metrics of the candidate run by ``sess``."""
+    return compare_outputs(_outputs(sess, samples), references, samples, user)
 
 
 def measure_latency(base_sess, cand_sess, feed: Mapping[str, np.ndarray], rounds: int | None,
@@ -388,6 +386,8 @@ def compress(
 
     base_sess = _session(base_path, options.threads)
     references = _outputs(base_sess, held_samples)
+    # what the float model itself measures (user metrics need not reach 1 on it)
+    float_fidelity = compare_outputs(references, references, held_samples, spec.user)
     base_layers = layer_table(base, options.input_shapes)
 
     notes: list[str] = []
@@ -422,7 +422,8 @@ def compress(
 
     chosen, outcome = choose(candidates, options.objective, base_path)
     model = load(chosen.path) if chosen else base
-    report = _report(model_path, calib, options, spec, data, calib_part, held, before, base, base_path, base_records,
+    report = _report(model_path, calib, options, spec, data, calib_part, held, float_fidelity, before, base,
+                     base_path, base_records,
                      base_layers, candidates, chosen, outcome, notes, baseline_times, interrupted, stopped_by_budget,
                      _now() - start)
     report["calibration_file"] = str(calib_file)
@@ -457,7 +458,7 @@ def _evaluate(cand: Candidate, base: Model, base_path: Path, base_sess, pass_dat
         cand.path = path
         cand.size_bytes = file_bytes(path)
         sess = _session(path, options.threads)
-        cand.fidelity = measure_fidelity(sess, held_samples, references)
+        cand.fidelity = measure_fidelity(sess, held_samples, references, spec.user)
         cand.met = spec.holds(cand.fidelity)
         if options.objective == "latency" or cand.met:
             cand.baseline_ms, cand.latency_ms = measure_latency(base_sess, sess, held_samples[0],
@@ -562,7 +563,8 @@ def _totals(summary: Mapping[str, Any], size: int | None) -> dict[str, Any]:
             "symbolic_dims_as_1": summary.get("symbolic_dims_as_1", [])}
 
 
-def _report(model_path, calib, options, spec, data, calib_part, held, before, base, base_path, base_records,
+def _report(model_path, calib, options, spec, data, calib_part, held, float_fidelity, before, base, base_path,
+            base_records,
             base_layers, candidates, chosen, outcome, notes, baseline_times, interrupted, stopped_by_budget,
             seconds) -> dict[str, Any]:
     from graphopt import __version__
@@ -616,8 +618,7 @@ def _report(model_path, calib, options, spec, data, calib_part, held, before, ba
                                    + ("; the target is a GPU, for which CPU latency is only a proxy"
                                       if _gpu_target(options.target) else "")},
         "fidelity": {"target": str(spec), "samples": len(held),
-                     **({k: _round(v) for k, v in chosen.fidelity.items()} if chosen else
-                        {"cosine": 1.0, "mean-cosine": 1.0, "top1": 1.0, "max-abs": 0.0})},
+                     **{k: _round(v) for k, v in (chosen.fidelity if chosen else float_fidelity).items()}},
         "candidates": [c.as_dict() for c in candidates],
         "candidate_notes": notes,
         "untouched": untouched_nodes(chosen.records if chosen else []),

@@ -26,6 +26,11 @@ A row whose reference and candidate are both all zero has cosine 1; a row
 where exactly one is all zero has cosine 0; a row with a NaN has cosine
 -1 (worst possible).  ``mean-cosine`` is the mean over the same rows.
 
+A name that is not a built-in is a user metric (:mod:`graphopt.metrics`:
+``--metric NAME=module:function`` or the ``graphopt.metrics`` entry points),
+the mean over the samples of ``function(reference, candidate, inputs)``,
+higher is better (``name>=X``).
+
 ``top1`` is the fraction of positions (all leading indices of every float
 output with a last axis of at least 2, over all samples) where the argmax
 along the last axis agrees; ``max-abs`` is ``max |candidate - reference|``
@@ -40,7 +45,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from graphopt import metrics
 from graphopt.errors import UsageError
+from graphopt.metrics import UserMetric
 
 # metric -> (direction it must be bounded from: ">" for higher is better, lowest, highest)
 METRICS: dict[str, tuple[str, float, float]] = {
@@ -72,6 +79,9 @@ class Target:
         below 1 holds (for >= / <=), above 1 misses.  Used to rank nodes."""
         if value is None or math.isnan(value):
             return math.inf
+        if self.metric not in METRICS:  # a user metric, higher is better: scores such as F1 reach 1
+            ideal = 1.0 if self.threshold < 1.0 else self.threshold + max(abs(self.threshold), 1.0)
+            return (ideal - value) / max(ideal - self.threshold, 1e-12)
         if METRICS[self.metric][0] == ">":
             ideal = METRICS[self.metric][2]
             return (ideal - value) / max(ideal - self.threshold, 1e-12)
@@ -84,6 +94,7 @@ class Target:
 @dataclasses.dataclass(frozen=True)
 class FidelitySpec:
     targets: tuple[Target, ...]
+    user: tuple[UserMetric, ...] = ()  # the user metrics the targets name
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -104,21 +115,33 @@ def parse_fidelity(text: str, where: str = "--fidelity") -> FidelitySpec:
     :class:`UsageError` naming the spec."""
     if not isinstance(text, str) or not text.strip():
         raise UsageError(f"{where}: empty fidelity spec; {_EXAMPLE}")
-    targets = []
+    targets: list[Target] = []
+    user: list[UserMetric] = []
     for item in text.split(","):
         m = _TARGET.match(item)
         if not m:
             raise UsageError(f"{where} '{text}': cannot read '{item.strip()}'; {_EXAMPLE}")
         name, op, raw = m.group(1).lower(), m.group(2), m.group(3)
         name = _ALIASES.get(name, name)
-        if name not in METRICS:
-            raise UsageError(f"{where} '{text}': unknown metric '{m.group(1)}' (known: {', '.join(METRICS)})")
+        user_metric = None if name in METRICS else metrics.lookup(m.group(1))
+        if name not in METRICS and user_metric is None:
+            known = ", ".join([*METRICS, *metrics.registered()])
+            raise UsageError(f"{where} '{text}': unknown metric '{m.group(1)}' (known: {known}; "
+                             "add your own with --metric NAME=module:function)")
         try:
             value = float(raw)
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
             raise UsageError(f"{where} '{text}': '{raw}' is not a number")
+        if user_metric is not None:
+            if op[0] != ">":
+                raise UsageError(f"{where} '{text}': metric '{user_metric.name}' is higher-is-better "
+                                 f"({user_metric.name}>=X), not {user_metric.name}{op}X")
+            if all(u.name != user_metric.name for u in user):
+                user.append(user_metric)
+            targets.append(Target(user_metric.name, op, value))
+            continue
         direction, lo, hi = METRICS[name]
         if op[0] != direction:
             want = ">=" if direction == ">" else "<="
@@ -127,7 +150,7 @@ def parse_fidelity(text: str, where: str = "--fidelity") -> FidelitySpec:
         if not lo <= value <= hi:
             raise UsageError(f"{where} '{text}': {name} threshold must be in [{lo:g}, {hi:g}], got {raw}")
         targets.append(Target(name, op, value))
-    return FidelitySpec(tuple(targets))
+    return FidelitySpec(tuple(targets), tuple(user))
 
 
 # ----------------------------------------------------------------------------------
@@ -173,15 +196,22 @@ class _Acc:
 
 
 class MetricAccumulator:
-    """Accumulates every metric over (candidate, reference) output pairs."""
+    """Accumulates every built-in metric, and the ``user`` metrics, over
+    (candidate, reference) output pairs; user metrics also see the sample's
+    ``inputs``."""
 
-    def __init__(self) -> None:
+    def __init__(self, user: Iterable[UserMetric] = ()) -> None:
         self.acc = _Acc()
         self.samples = 0
+        self.user = tuple(user)
+        self.user_sums = {m.name: 0.0 for m in self.user}
 
-    def add(self, candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+    def add(self, candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+            inputs: Mapping[str, np.ndarray] | None = None) -> None:
         acc = self.acc
         self.samples += 1
+        for metric in self.user:
+            self.user_sums[metric.name] += metric.score(reference, candidate, inputs or {})
         for name, ref in reference.items():
             ref = np.asarray(ref)
             if ref.dtype.kind not in "fc":
@@ -219,15 +249,20 @@ class MetricAccumulator:
             "mean-cosine": 1.0 if acc.rows == 0 else acc.sum_cos / acc.rows,
             "top1": 1.0 if acc.top1_total == 0 else acc.top1_agree / acc.top1_total,
             "max-abs": acc.max_abs,
+            **{name: (total / self.samples if self.samples else math.nan) for name, total in self.user_sums.items()},
         }
 
 
 def compare_outputs(candidates: Iterable[Mapping[str, np.ndarray]],
-                    references: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """Every metric over paired per-sample outputs (dicts output name -> array)."""
-    acc = MetricAccumulator()
+                    references: Iterable[Mapping[str, np.ndarray]],
+                    inputs: Iterable[Mapping[str, np.ndarray]] | None = None,
+                    user: Iterable[UserMetric] = ()) -> dict[str, float]:
+    """Every metric over paired per-sample outputs (dicts output name -> array);
+    the ``user`` metrics with each sample's ``inputs``."""
+    acc = MetricAccumulator(user)
+    feeds = iter(inputs) if inputs is not None else None
     for cand, ref in zip(candidates, references):
-        acc.add(cand, ref)
+        acc.add(cand, ref, next(feeds, None) if feeds is not None else None)
     return acc.values()
 
 

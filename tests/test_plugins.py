@@ -106,3 +106,21 @@ def test_without_the_plugin_the_pass_is_unknown(plugin_env, tmp_path):
     onnx.save(documented_model(), str(tmp_path / "m.onnx"))
     proc = graphopt(env, "opt", "m.onnx", "-o", "o.onnx", "-p", "strip-docs", cwd=tmp_path)
     assert proc.returncode == 2 and "unknown pass 'strip-docs'" in proc.stderr
+
+
+def test_plugin_metric_is_named_in_a_fidelity_spec(plugin_env, tmp_path):
+    """An installed package's ``graphopt.metrics`` entry point is a metric a
+    fidelity spec names without --metric."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("MatMul", ["m", "w2"], ["y"])]
+    model = make_model(nodes, [vi("x", [4, 16])], [vi("y", [4, 10])],
+                       {"w": rng.standard_normal((16, 16)).astype(np.float32),
+                        "w2": rng.standard_normal((16, 10)).astype(np.float32)})
+    onnx.save(model, tmp_path / "mm.onnx")
+    proc = graphopt(plugin_env, "opt", str(tmp_path / "mm.onnx"), "-o", str(tmp_path / "q.onnx"), "-p",
+                    "quantize-static", "--calib", "random:16", "--fidelity", "top1_agree>=0.5",
+                    "--report", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    passes = json.loads((tmp_path / "r.json").read_text())["passes"]
+    fidelity = next(p["stats"]["fidelity"] for p in passes if p["pass"] == "quantize-static")
+    assert fidelity["target"] == "top1_agree>=0.5" and fidelity["heldout"]["top1_agree"] >= 0.5

@@ -573,7 +573,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
             cfg = dataclasses.replace(config, per_channel=recipe.per_channel)
             quantize_dynamic(m, m_sites, cfg, keep_float=keep, smoothing=smoothing)
             sess = runtime.session(m.to_proto(), source_dir=m.source_dir)
-            values = sens.metric_values(sens.run_all(sess, judge, names), refs)
+            values = sens.metric_values(sens.run_all(sess, judge, names), refs, spec, judge)
             badness = spec.badness(values)
             tried.append({"recipe": str(recipe), **{k: sens.number(v) for k, v in values.items()}})
             if best is None or badness < best[0] - 1e-9:

@@ -43,7 +43,7 @@ import onnx
 from graphopt import runtime
 from graphopt.console import progress
 from graphopt.errors import UsageError
-from graphopt.fidelity import FidelityReport, FidelitySpec, MetricAccumulator, parse_fidelity
+from graphopt.fidelity import FidelityReport, FidelitySpec, compare_outputs, parse_fidelity
 from graphopt.pass_base import Option
 
 Feeds = Mapping[str, np.ndarray]
@@ -162,16 +162,15 @@ class SwitchedCandidates(Candidates):
         return run_all(self.sess, samples, self.output_names, extra)
 
 
-def metric_values(outputs: Sequence[Outputs], references: Sequence[Outputs]) -> dict[str, float]:
-    acc = MetricAccumulator()
-    for cand, ref in zip(outputs, references):
-        acc.add(cand, ref)
-    return acc.values()
+def metric_values(outputs: Sequence[Outputs], references: Sequence[Outputs], spec: FidelitySpec | None = None,
+                  samples: Sequence[Feeds] | None = None) -> dict[str, float]:
+    """Every built-in metric, and ``spec``'s user metrics (which see ``samples``)."""
+    return compare_outputs(outputs, references, samples, spec.user if spec is not None else ())
 
 
 def measure(candidates: Candidates, keep: frozenset[str], samples: Sequence[Feeds],
-            references: Sequence[Outputs]) -> dict[str, float]:
-    return metric_values(candidates.outputs(keep, samples), references)
+            references: Sequence[Outputs], spec: FidelitySpec | None = None) -> dict[str, float]:
+    return metric_values(candidates.outputs(keep, samples), references, spec, samples)
 
 
 @dataclasses.dataclass
@@ -234,7 +233,7 @@ def rank_nodes(nodes: Sequence[tuple[str, str]], candidates: Candidates, samples
     ranked: list[tuple[float, int, NodeSensitivity]] = []
     for group in progress(groups, description="fidelity: ranking nodes", quiet=quiet):
         alone = frozenset(names[i] for i in group)
-        values = measure(candidates, everything - alone, samples, references)
+        values = measure(candidates, everything - alone, samples, references, spec)
         score = spec.badness(values)
         for i in group:
             ranked.append((score, i, NodeSensitivity(names[i], nodes[i][1], score, values, len(group))))
@@ -260,7 +259,7 @@ def fit_to_budget(ranked: Sequence[NodeSensitivity], candidates: Candidates, sam
 
     def evaluate(k: int) -> FidelityReport:
         keep = frozenset(r.name for r in ranked[:k])
-        reports[k] = FidelityReport.of(spec, measure(candidates, keep, samples, references), len(samples))
+        reports[k] = FidelityReport.of(spec, measure(candidates, keep, samples, references, spec), len(samples))
         return reports[k]
 
     steps = 1 + max(0, math.ceil(math.log2(n))) if n > 1 else 1
@@ -285,8 +284,9 @@ def fit_to_budget(ranked: Sequence[NodeSensitivity], candidates: Candidates, sam
         else:
             lo = mid
     feasible = hi < n
+    # infeasible: everything stays float, the reference itself
     report = reports[hi] if feasible else FidelityReport.of(
-        spec, {"cosine": 1.0, "mean-cosine": 1.0, "top1": 1.0, "max-abs": 0.0}, len(samples))
+        spec, metric_values(references, references, spec, samples), len(samples))
     return BudgetResult(list(ranked[:hi]), report, reports[0], feasible, len(reports))
 
 
@@ -309,10 +309,8 @@ def measure_model(spec: FidelitySpec, proto: onnx.ModelProto, source_dir: Path |
     """``spec``'s metrics of a model against the float model's outputs ``refs``."""
     sess = runtime.session(proto, source_dir=source_dir)
     names = list(refs[0]) if refs else None
-    acc = MetricAccumulator()
-    for cand, ref in zip(run_all(sess, samples, names), refs):
-        acc.add(cand, ref)
-    return FidelityReport.of(spec, acc.values(), len(samples))
+    values = metric_values(run_all(sess, samples, names), refs, spec, samples)
+    return FidelityReport.of(spec, values, len(samples))
 
 
 @dataclasses.dataclass

@@ -4,8 +4,9 @@
 optionally, the model's metadata), which are dead weight in a deployed file.
 ``ort-pinned`` is the onnxruntime backend with the session settings pinned in
 the artifact (one thread, basic graph optimizations), for reproducible timing
-on a shared machine.  Neither registers itself: graphopt finds them through
-the ``graphopt.passes`` and ``graphopt.backends`` entry points.
+on a shared machine.  ``top1_agree`` is a task metric for fidelity specs.
+None registers itself: graphopt finds them through the ``graphopt.passes``,
+``graphopt.backends`` and ``graphopt.metrics`` entry points.
 """
 from __future__ import annotations
 
@@ -60,3 +61,13 @@ class PinnedOrtBackend(OnnxRuntimeBackend):
         result = super().compile(model, target, options, folder)
         result.extra["session"] = dict(result.extra.get("session", DEFAULT_SESSION), **self.SESSION)
         return result
+
+
+def top1_agreement(reference, candidate, inputs) -> float:
+    """A task metric (entry point ``graphopt.metrics``): the share of rows of
+    the first output whose argmax the candidate keeps."""
+    import numpy as np
+
+    name = next(iter(reference))
+    ref, cand = np.asarray(reference[name]), np.asarray(candidate[name])
+    return float(np.mean(ref.reshape(-1, ref.shape[-1]).argmax(-1) == cand.reshape(-1, ref.shape[-1]).argmax(-1)))
