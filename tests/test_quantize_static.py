@@ -157,6 +157,7 @@ def test_gemm_and_matmul_weight_axes():
 
 
 def test_add_concat_passthrough_and_softmax():
+    """Placement inside a network (float-tails off: here all of it is the output's tail)."""
     rng = np.random.default_rng(2)
     inits = {"w": (rng.standard_normal((4, 3, 1, 1)) * 0.5).astype(F), "shape": np.array([1, -1], np.int64)}
     nodes = [
@@ -167,7 +168,7 @@ def test_add_concat_passthrough_and_softmax():
         helper.make_node("Softmax", ["flat"], ["y"], name="softmax"),
     ]
     proto = make_model(nodes, [vi("x", [1, 3, 4, 4]), vi("x2", [1, 4, 4, 4])], [vi("y", [1, 128])], inits)
-    _, _, after = _q(proto)
+    _, _, after = _q(proto, "float-tails=false")
     onnx.checker.check_model(after)
     inits = _inits(after)
     by_name = {n.name: n for n in after.graph.node}
@@ -181,8 +182,45 @@ def test_add_concat_passthrough_and_softmax():
     # Softmax stays float: its output is not quantized
     assert _producer(after, "y").op_type == "Softmax"
     # unless asked
-    _, _, soft = _q(proto, "keep-float=[],ops=[Conv,Add,Concat,Reshape,Softmax]")
+    _, _, soft = _q(proto, "float-tails=false,keep-float=[],ops=[Conv,Add,Concat,Reshape,Softmax]")
     assert _producer(soft, "y").op_type == "DequantizeLinear"
+
+
+def test_decode_tail_after_the_last_convolutions_stays_float():
+    """A detector head: box and score convolutions, sigmoid on the scores, boxes
+    (pixels) concatenated with scores (0..1).  The convolutions stay integer
+    (their outputs quantized, each at its own scale); the sigmoid and the
+    concatenation of mixed scales stay float.  The Add between trunk
+    convolutions feeds a weighted op, so it is trunk and quantized."""
+    rng = np.random.default_rng(4)
+    w = lambda *s: (rng.standard_normal(s) * 0.5).astype(F)  # noqa: E731
+    inits = {"w0": w(8, 3, 3, 3), "w1": w(8, 8, 1, 1), "wb": w(4, 8, 1, 1), "ws": w(2, 8, 1, 1),
+             "scale": np.array(32.0, F)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["t0"], name="trunk0", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["t0", "w1"], ["t1"], name="trunk1"),
+        helper.make_node("Add", ["t0", "t1"], ["t"], name="residual"),
+        helper.make_node("Conv", ["t", "wb"], ["b"], name="boxes"),
+        helper.make_node("Mul", ["b", "scale"], ["px"], name="to_pixels"),
+        helper.make_node("Conv", ["t", "ws"], ["s"], name="scores"),
+        helper.make_node("Sigmoid", ["s"], ["p"], name="sigmoid"),
+        helper.make_node("Concat", ["px", "p"], ["y"], axis=1, name="cat"),
+    ]
+    proto = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 6, 8, 8])], inits)
+    _, result, after = _q(proto)
+    stats = result.records[0].stats
+    by_name = {n.name: n for n in after.graph.node}
+    assert stats["float_tail_nodes"] == 3
+    for name in ("to_pixels", "sigmoid"):  # float results, read as they are
+        readers = [n.op_type for n in after.graph.node if by_name[name].output[0] in n.input]
+        assert readers == ["Concat"], (name, readers)
+    assert _producer(after, "y").op_type == "Concat"
+    assert all(_input_via_dq(after, by_name["residual"], i) for i in (0, 1))
+    for conv in ("boxes", "scores"):
+        (reader,) = [n for n in after.graph.node if by_name[conv].output[0] in n.input]
+        assert reader.op_type == "QuantizeLinear"  # the convolution itself stays integer
+    off = _q(proto, "float-tails=false")[1].records[0].stats
+    assert "float_tail_nodes" not in off and off["quantized_nodes"] > stats["quantized_nodes"]
 
 
 @pytest.mark.parametrize("option,excluded", [
@@ -208,7 +246,7 @@ def test_ops_option_limits_quantized_types():
     inits = {"w": rng.standard_normal((3, 3)).astype(F)}
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "x"], ["y"], name="add")]
     proto = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], inits)
-    _, _, after = _q(proto, "ops=[Add]")
+    _, _, after = _q(proto, "float-tails=false,ops=[Add]")  # the Add is the output's tail otherwise
     mm = next(n for n in after.graph.node if n.name == "mm")
     assert _input_via_dq(after, mm, 1) is None
     add = next(n for n in after.graph.node if n.name == "add")

@@ -233,6 +233,26 @@ DEFAULT_STATIC_OPS = tuple(sorted(WEIGHTED_OPS | BINARY_OPS | VARIADIC_OPS | UNA
 """Op types ``quantize-static`` quantizes by default."""
 
 
+def output_tails(graph: gs.Graph) -> set[int]:
+    """ids of the nodes of a model's decode tails: not weighted, and every
+    result flows only into graph outputs or other tail nodes (the sigmoid,
+    exp, grid offsets, box/score concatenation and DFL softmax after a
+    detector's last convolutions).  They are cheap and carry values of mixed
+    scales (pixels beside probabilities), so quantizing them buys no speed
+    and costs fidelity.  A node that also feeds a weighted op is trunk, not
+    tail.  ``graph`` must be topologically sorted."""
+    outputs = {id(t) for t in graph.outputs}
+    tail: set[int] = set()
+    for node in reversed(graph.nodes):
+        if node.op in WEIGHTED_OPS or not node.outputs:
+            continue
+        readers = [r for t in node.outputs for r in t.outputs]
+        reaches = any(id(t) in outputs for t in node.outputs) or bool(readers)
+        if reaches and all(id(r) in tail for r in readers):
+            tail.add(id(node))
+    return tail
+
+
 def weight_axis(node: gs.Node, weight_rank: int) -> int:
     """The per-channel (output channel) axis of a weight for ``node``, as
     onnxruntime picks it: Conv 0, ConvTranspose 1, Gemm 0 with ``transB`` else

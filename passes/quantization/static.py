@@ -20,7 +20,10 @@ its CPU provider fuses everything it can, and nothing else:
   Split, Gather, ...: only when their input is quantized already, and their
   output reuses the input's scale and zero point (so the runtime drops the pair);
 * Softmax and normalizations stay in float unless listed in ``ops`` and
-  removed from ``keep-float``.
+  removed from ``keep-float``;
+* the decode tail on the way to each output (nodes after the last weighted
+  op whose results reach only outputs: sigmoid, exp, grid offsets, the
+  concatenation of boxes with scores) stays in float (``float-tails``).
 
 Activation ranges come from onnxruntime's calibrators
 (:func:`graphopt.calibration.collect_ranges`: minmax, percentile, entropy);
@@ -51,6 +54,7 @@ from passes.quantization.common import (
     VARIADIC_OPS,
     WEIGHTED_OPS,
     QDQBuilder,
+    output_tails,
     compute_scale_zero_point,
     qrange,
     quantize_bias,
@@ -82,6 +86,7 @@ class _Plan:
         self.constants: list[tuple[gs.Node, int]] = []  # constant inputs of Add/Mul/Concat
         self.fused: list[tuple[gs.Node, gs.Node]] = []  # (producer, Relu/Clip) to merge
         self.skipped: dict[str, int] = {}
+        self.tail = 0                              # decode-tail nodes left in float
 
     def act(self, tensor: gs.Tensor) -> None:
         self.activations.setdefault(tensor.name, tensor)
@@ -118,6 +123,8 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
     upgrade_opset = Option(bool, True, "upgrade opset < 13 to 13 (onnx version converter): QDQ needs 10, per-channel 13")
     bias_correction = Option(bool, True, "subtract the mean output error of weight quantization (measured on the "
                              "calibration data) from each channel's bias; see recovery.py")
+    float_tails = Option(bool, True, "leave the decode tail after the last weighted op on the way to each output "
+                                     "(sigmoid, box/score concat, grid offsets) in float")
     equalize = Option(bool, False, "cross-layer equalization of Conv->Relu->Conv chains before quantizing")
 
     # ------------------------------------------------------------------------------
@@ -183,6 +190,8 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
         stats["samples"] = len(data)
         for op, n in sorted(plan.skipped.items()):
             stats[f"skipped_{op}"] = n
+        if plan.tail:
+            stats["float_tail_nodes"] = plan.tail
         return PassResult(stats["quantized_nodes"] > 0, stats, notes)
 
     def _fit(self, model: Model, ctx: PassContext, spec, regex, per_channel: bool, plan: _Plan,
@@ -220,6 +229,7 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
         graph.toposort()
         overridable = overridable_names(model)
         wanted = set(self.ops) - set(self.keep_float)
+        tails = output_tails(graph) if self.float_tails else set()
         plan = _Plan()
 
         def const(t: gs.Tensor) -> gs.Constant | None:
@@ -232,6 +242,9 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
         for node in graph.nodes:
             op = node.op
             if node.domain not in STANDARD_DOMAINS or op not in wanted or self._excluded(node, regex, extra):
+                continue
+            if id(node) in tails:
+                plan.tail += 1
                 continue
             if not node.outputs or not node.inputs:
                 continue
