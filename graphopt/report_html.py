@@ -12,6 +12,8 @@ import html
 import io
 from typing import Any, Mapping, Sequence
 
+from graphopt.fidelity import METRICS
+
 SECTIONS = ("summary", "chosen", "candidates", "channels", "macs", "sensitivity", "untouched")
 _MAX_BARS = 60  # beyond: the layers that changed most (then the largest) are drawn
 
@@ -158,7 +160,8 @@ def _candidates(report: Mapping[str, Any]) -> str:
         met = ('<span class="met">met</span>' if c.get("met") else '<span class="miss">missed</span>') \
             if c.get("status") == "ok" else ""
         status = html.escape(c.get("status", "")) + (f": {html.escape(c['error'])}" if c.get("error") else "")
-        fid_text = ", ".join(f"{k} {_num(v)}" for k, v in fid.items() if k in ("cosine", "top1", "max-abs"))
+        fid_text = ", ".join(f"{k} {_num(v)}" for k, v in fid.items()
+                             if k in ("cosine", "top1", "max-abs") or k not in METRICS)  # and task metrics
         body.append(
             f"<tr{cls}><td>{c.get('index')}</td><td><code>{html.escape(c.get('pipeline', ''))}</code></td>"
             f"<td>{status}</td><td>{html.escape(fid_text)}</td><td>{met}</td>"

@@ -110,6 +110,7 @@ def test_compress_accepts_on_the_user_metric(metric_file, tmp_path):
     scored = [c for c in report["candidates"] if c["status"] == "ok"]
     assert scored and all("agree" in c["fidelity"] for c in scored)
     assert all(c["met"] == (c["fidelity"]["agree"] >= 0.97) for c in scored)  # accepted on the user metric
+    assert "agree 0." in (tmp_path / "rep" / "report.html").read_text()  # the HTML's candidate table shows it
 
 
 @pytest.mark.parametrize("flags,message", [
