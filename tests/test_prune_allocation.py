@@ -206,3 +206,34 @@ def test_refitted_weights_have_no_subnormals():
     graph = gs.Graph(nodes=[node], inputs=[node.inputs[0]], outputs=[y])
     replace_constant_input(graph, node, 1, np.full((2, 2), tiny / 2, np.float32))
     assert not np.asarray(node.inputs[1].values).any()
+
+
+def test_sensitivity_scores_trials_on_a_task_metric():
+    """sensitivity-metric=NAME: each trial is scored as 1 - the task metric on
+    the graph outputs (with the sample's inputs); the redundant group still
+    loses more."""
+    from graphopt import metrics
+
+    seen_inputs = []
+
+    def fit(reference, candidate, inputs):
+        seen_inputs.append(sorted(inputs))
+        r, c = reference["y"].astype(np.float64), candidate["y"].astype(np.float64)
+        return float(1.0 - np.linalg.norm(c - r) / np.linalg.norm(r))
+
+    metrics.register(metrics.UserMetric("fit", fit, "test"))
+    try:
+        proto = _two_groups()
+        record, after = _prune(proto, 'prune-channels{ratio=0.25,allocate=sensitivity,sensitivity-metric=fit,'
+                                      'sensitivity-ratios="0.25;0.5;0.75"}')
+        with pytest.raises(UsageError, match="unknown metric 'nope'"):
+            _prune(proto, "prune-channels{allocate=sensitivity,sensitivity-metric=nope}")
+        with pytest.raises(UsageError, match="needs allocate=sensitivity"):
+            _prune(proto, "prune-channels{sensitivity-metric=fit}")
+    finally:
+        metrics.unregister("fit")
+    assert seen_inputs and all(names == ["x"] for names in seen_inputs)
+    shapes = init_shapes(after)
+    assert shapes["w1"][0] < shapes["w2"][0] and shapes["w1"][0] + shapes["w2"][0] == 48
+    errors = [e for curve in record.stats["sensitivity"].values() for _, e in curve]
+    assert all(0.0 <= e <= 1.0 for e in errors) and max(errors) > 0.0

@@ -63,7 +63,7 @@ class Reference:
     there were samples after ``skip``; if not, the first ones are used."""
 
     def __init__(self, proto: onnx.ModelProto, calibration: Any, max_samples: int, source_dir=None,
-                 skip: int = 0):
+                 skip: int = 0, metric: Any = None):
         self.samples = []
         head = []
         for i, sample in enumerate(calibration):
@@ -77,7 +77,9 @@ class Reference:
         self.held_out = bool(self.samples)
         if not self.samples:
             self.samples = head
-        self.names = compared_tensors(proto)
+        # a task metric (graphopt.metrics.UserMetric) judges the graph outputs themselves
+        self.metric = metric
+        self.names = [o.name for o in proto.graph.output] if metric is not None else compared_tensors(proto)
         self.outputs = self._run(proto, source_dir)
 
     def _run(self, proto: onnx.ModelProto, source_dir) -> list[dict[str, np.ndarray]]:
@@ -87,7 +89,13 @@ class Reference:
         return [dict(zip(self.names, sess.run(self.names, s))) for s in self.samples]
 
     def error(self, proto: onnx.ModelProto, source_dir=None) -> float:
+        """The trial's error: the mean squared relative output error, or with a
+        task metric ``1 - metric`` (its mean over the samples; a score such as
+        F1 is 1 when nothing moved)."""
         got = self._run(proto, source_dir)
+        if self.metric is not None:
+            scores = [self.metric.score(want, g, s) for g, want, s in zip(got, self.outputs, self.samples)]
+            return max(0.0, 1.0 - float(np.mean(scores))) if scores else 0.0
         errs = [output_error(g, want) for g, want in zip(got, self.outputs)]
         return float(np.mean(errs)) if errs else 0.0
 

@@ -102,6 +102,8 @@ class PruneChannels(Pass):
                       choices=("uniform", "sensitivity"))
     sensitivity_ratios = Option(list, [], "allocate=sensitivity: ratios each group is measured at, pruned alone "
                                 "(';'-separated; the largest caps a group); empty: ratio/2, ratio, 3*ratio/2")
+    sensitivity_metric = Option(str, "", "allocate=sensitivity: a task metric (--metric NAME or a graphopt.metrics "
+                                "entry point) trials are scored on, as 1 - metric; empty: relative output error")
     sensitivity_samples = Option(int, 16, "allocate=sensitivity: calibration samples each trial is recovered on, "
                                  "and as many following ones it is scored on", min=1)
 
@@ -110,6 +112,10 @@ class PruneChannels(Pass):
             raise UsageError(f"prune-channels: criterion={self.criterion} needs calibration data (--calib)")
         if self.allocate == "sensitivity" and ctx.calibration is None:
             raise UsageError("prune-channels: allocate=sensitivity needs calibration data (--calib)")
+        if self.sensitivity_metric and self.allocate != "sensitivity":
+            raise UsageError("prune-channels: option 'sensitivity-metric' needs allocate=sensitivity")
+        if self.allocate == "sensitivity":
+            self._task_metric()  # an unknown name fails before any work
         grid = self._grid()
         notes = _materialize_weights(model)
         analysis = analyze(model)
@@ -167,6 +173,19 @@ class PruneChannels(Pass):
             raise UsageError("prune-channels: option 'sensitivity-ratios': each ratio must lie in (0, 1)")
         return grid
 
+    def _task_metric(self):
+        """The ``sensitivity-metric`` to score trials on, or None."""
+        if not self.sensitivity_metric:
+            return None
+        from graphopt import metrics
+
+        metric = metrics.lookup(self.sensitivity_metric)
+        if metric is None:
+            known = ", ".join(metrics.registered()) or "none registered"
+            raise UsageError(f"prune-channels: option 'sensitivity-metric': unknown metric "
+                             f"'{self.sensitivity_metric}' (task metrics: {known}; add one with --metric NAME=module:function)")
+        return metric
+
     def _allocate(self, model: Model, analysis: ChannelAnalysis, scores: dict[int, np.ndarray],
                   ctx: PassContext, grid: list[float], stats: dict, notes: list[str]) -> dict[int, np.ndarray]:
         """Kept channels per group from measured sensitivities: each group pruned
@@ -184,7 +203,8 @@ class PruneChannels(Pass):
                       for n in allocation.removal_grid(size, grid, floor)}
             removals[g] = sorted(n for n in counts if n > 0)
         samples = self.sensitivity_samples
-        reference = allocation.Reference(proto, ctx.calibration, samples, source_dir, skip=samples)
+        reference = allocation.Reference(proto, ctx.calibration, samples, source_dir, skip=samples,
+                                         metric=self._task_metric())
         if not reference.held_out:
             notes.append(f"allocate=sensitivity: no calibration samples beyond the {samples} that trials are "
                          "recovered on; trials were scored on those same samples")
