@@ -5,6 +5,7 @@ A spec is one or more targets joined by commas, all of which must hold::
     cosine>=0.99            worst-case cosine similarity
     mean-cosine>=0.999      mean cosine similarity
     top1>=0.98              top-1 agreement along the last axis
+    top5>=0.99              the reference's top-1 among the candidate's top 5
     max-abs<=0.05           largest absolute difference
 
 Metrics compare a candidate model's outputs with the reference (float)
@@ -35,6 +36,9 @@ higher is better (``name>=X``).
 output with a last axis of at least 2, over all samples) where the argmax
 along the last axis agrees; ``max-abs`` is ``max |candidate - reference|``
 over every element (inf when either side has a NaN where the other has not).
+``top5`` counts the same positions as ``top1``, a position agreeing where the
+reference's argmax is among the candidate's five largest (all of them when
+the last axis is shorter).
 """
 from __future__ import annotations
 
@@ -54,12 +58,14 @@ METRICS: dict[str, tuple[str, float, float]] = {
     "cosine": (">", -1.0, 1.0),
     "mean-cosine": (">", -1.0, 1.0),
     "top1": (">", 0.0, 1.0),
+    "top5": (">", 0.0, 1.0),
     "max-abs": ("<", 0.0, math.inf),
 }
 _ALIASES = {"cos": "cosine", "cosine-min": "cosine", "min-cosine": "cosine", "top-1": "top1",
-            "top1-agreement": "top1", "max_abs": "max-abs", "maxabs": "max-abs", "mean_cosine": "mean-cosine"}
+            "top1-agreement": "top1", "top-5": "top5", "max_abs": "max-abs", "maxabs": "max-abs",
+            "mean_cosine": "mean-cosine"}
 _TARGET = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_-]*)\s*(>=|<=|>|<)\s*([^\s]+)\s*$")
-_EXAMPLE = 'e.g. "cosine>=0.99", "top1>=0.98", "max-abs<=0.05", or several joined by commas'
+_EXAMPLE = 'e.g. "cosine>=0.99", "top1>=0.98", "top5>=0.99", "max-abs<=0.05", or several joined by commas'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +197,7 @@ class _Acc:
     sum_cos: float = 0.0
     rows: int = 0
     top1_agree: int = 0
+    top5_agree: int = 0
     top1_total: int = 0
     max_abs: float = 0.0
 
@@ -239,7 +246,11 @@ class MetricAccumulator:
             if ref.ndim >= 1 and ref.shape[-1] >= 2:
                 flat_c = c64.reshape(-1, ref.shape[-1])
                 flat_r = r64.reshape(-1, ref.shape[-1])
-                acc.top1_agree += int((np.argmax(flat_c, -1) == np.argmax(flat_r, -1)).sum())
+                best = np.argmax(flat_r, -1)
+                acc.top1_agree += int((np.argmax(flat_c, -1) == best).sum())
+                k = min(5, ref.shape[-1])
+                top = np.argpartition(-flat_c, k - 1, axis=-1)[:, :k]
+                acc.top5_agree += int((top == best[:, None]).any(axis=1).sum())
                 acc.top1_total += int(flat_r.shape[0])
 
     def values(self) -> dict[str, float]:
@@ -248,6 +259,7 @@ class MetricAccumulator:
             "cosine": 1.0 if acc.rows == 0 else acc.min_cos,
             "mean-cosine": 1.0 if acc.rows == 0 else acc.sum_cos / acc.rows,
             "top1": 1.0 if acc.top1_total == 0 else acc.top1_agree / acc.top1_total,
+            "top5": 1.0 if acc.top1_total == 0 else acc.top5_agree / acc.top1_total,
             "max-abs": acc.max_abs,
             **{name: (total / self.samples if self.samples else math.nan) for name, total in self.user_sums.items()},
         }

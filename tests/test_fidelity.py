@@ -78,7 +78,19 @@ def test_compare_outputs_worst_case_top1_maxabs():
     assert v["max-abs"] == pytest.approx(1.0)
     assert 0.0 < v["mean-cosine"] < 1.0
     same = compare_outputs(ref, ref)
-    assert same == {"cosine": pytest.approx(1.0), "mean-cosine": pytest.approx(1.0), "top1": 1.0, "max-abs": 0.0}
+    assert same == {"cosine": pytest.approx(1.0), "mean-cosine": pytest.approx(1.0), "top1": 1.0, "top5": 1.0,
+                    "max-abs": 0.0}
+    assert v["top5"] == 1.0  # three classes: every reference argmax is among the candidate's top 5
+
+
+def test_top5_counts_the_reference_argmax_among_the_candidates_five_best():
+    ref = [{"y": np.eye(8, dtype=F)[[0, 7]]}]           # argmax 0 and 7
+    cand = [{"y": np.array([[0, 9, 8, 7, 6, 5, 1, 2], [0, 9, 8, 7, 6, 5, 1, 2]], F)}]  # top 5: 1..5
+    v = compare_outputs(cand, ref)
+    assert v["top1"] == 0.0 and v["top5"] == 0.0
+    cand[0]["y"][0, 0] = 5.5                              # class 0 enters the top 5 of row 0
+    assert compare_outputs(cand, ref)["top5"] == 0.5
+    assert parse_fidelity("top5>=0.5").holds(compare_outputs(cand, ref))
 
 
 # ==================================================================================
