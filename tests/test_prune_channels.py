@@ -60,6 +60,23 @@ def test_layer_ratio_removes_channels_everywhere():
     assert runtime.cosine_similarity(got, want) > 0.3  # lossy, but the same function roughly
 
 
+def test_pruning_without_data_warns_with_the_measured_output_cosine(capsys):
+    """No --calib: nothing recovers what the channels carried, so one warning
+    line gives how far the outputs moved on seeded random inputs (also in the
+    stats); with data there is no such warning."""
+    proto = _chain()
+    model = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    result = graphopt.optimize(model, "prune-channels{ratio=0.5}", context=PassContext(quiet=False))
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning: prune-channels without --calib" in ln]
+    cosine = _stats(result)["random_input_cosine"]
+    assert len(warnings) == 1 and f"cosine {cosine:.4f}" in warnings[0]
+    assert 0.0 < cosine < 0.999  # ratio 0.5 with no recovery moves them
+    model = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    ctx = PassContext(quiet=False, calibration=open_reader("random:8", model, seed=3, quiet=True))
+    result = graphopt.optimize(model, "prune-channels{ratio=0.5}", context=ctx)
+    assert "without --calib" not in capsys.readouterr().err and "random_input_cosine" not in _stats(result)
+
+
 def test_round_to_and_min_channels():
     _, _, after = apply(_chain(), "prune-channels{ratio=0.3,round-to=8}")
     shapes = init_shapes(after)

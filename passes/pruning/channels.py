@@ -13,6 +13,7 @@ one ratio for all.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -150,6 +151,7 @@ class PruneChannels(Pass):
                 f"every one of the {len(prunable)} prunable groups keeps all its channels at ratio={self.ratio} "
                 f"(min-channels={self.min_channels}, round-to={self.round_to})"))
         original = model.to_proto() if ctx.calibration is not None and self.reconstruct else None
+        before = model.to_proto() if ctx.calibration is None else None
         result = prune(model, analysis, keep, ctx, reconstruct=self.reconstruct, original=original,
                        max_samples=self.calib_samples, lam=self.ridge, downstream=self.refit == "downstream",
                        max_rows=self.fit_rows)
@@ -159,7 +161,30 @@ class PruneChannels(Pass):
         stats["per_group"] = {f"#{g} {'+'.join(analysis.spaces[g].roots[:2])}": [analysis.spaces[g].size, len(k)]
                               for g, k in keep.items()}
         notes += stats.pop("notes", [])
+        if before is not None:
+            self._warn_without_data(before, model, ctx, stats)
         return PassResult(True, stats, notes)
+
+    def _warn_without_data(self, before: onnx.ModelProto, model: Model, ctx: PassContext, stats: dict) -> None:
+        """Pruned without calibration data: nothing recovered what was removed,
+        so say how far the outputs moved, measured on seeded random inputs."""
+        from graphopt import runtime
+        from graphopt.fidelity import compare_outputs
+
+        try:
+            ref_sess = runtime.session(before, source_dir=model.source_dir)
+            new_sess = runtime.session(model.to_proto(), source_dir=model.source_dir)
+            feeds = [runtime.random_inputs(ref_sess, seed=ctx.seed + i, shapes=ctx.input_shapes) for i in range(4)]
+            cosine = compare_outputs([runtime.run(new_sess, f) for f in feeds],
+                                     [runtime.run(ref_sess, f) for f in feeds])["cosine"]
+        except Exception:  # a model onnxruntime cannot run on random inputs: no figure, still the warning
+            cosine = None
+        figure = f" (worst output cosine {cosine:.4f} on 4 random inputs)" if cosine is not None else ""
+        if cosine is not None:
+            stats["random_input_cosine"] = round(cosine, 6)
+        if not ctx.quiet:
+            print(f"graphopt: warning: prune-channels without --calib: the outputs move{figure}; give --calib "
+                  "to rank channels on data and recover what they carried", file=sys.stderr)
 
     def _grid(self) -> list[float]:
         if not self.sensitivity_ratios:
