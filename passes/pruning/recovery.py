@@ -27,12 +27,20 @@ from passes.pruning.groups import flush_subnormals, replace_constant_input
 MAX_ROWS = 8192  # rows of a least-squares problem (sampled positions)
 
 
-def _proto_with_outputs(model: Model | onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def _proto_with_outputs(model: Model | onnx.ModelProto, names: Sequence[str],
+                        only: bool = False) -> onnx.ModelProto:
+    """The model with ``names`` as extra outputs; with ``only``, those are its
+    only outputs and the nodes they do not depend on are dropped (so a tensor
+    early in the network costs only the layers before it)."""
     proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     # Mid-pruning, intermediate shape annotations may still be the unpruned
     # ones; onnxruntime would trust them.  Let it infer shapes itself.
     del proto.graph.value_info[:]
+    if only and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for n in proto.graph.node for a in n.attribute):  # subgraphs read outer names: keep all
+        _keep_ancestors(proto.graph, names)
+        del proto.graph.output[:]
     present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:
@@ -41,11 +49,27 @@ def _proto_with_outputs(model: Model | onnx.ModelProto, names: Sequence[str]) ->
     return proto
 
 
+def _keep_ancestors(graph: onnx.GraphProto, names: Sequence[str]) -> None:
+    """Drop the nodes of ``graph`` that none of tensors ``names`` depends on."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    needed, stack = set(), [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(producer[t] for t in graph.node[i].input if t in producer)
+    kept = [n for i, n in enumerate(graph.node) if i in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def collect(model: Model | onnx.ModelProto, names: Sequence[str], calibration: Any,
-            max_samples: int = 64, source_dir=None) -> Iterator[dict[str, np.ndarray]]:
+            max_samples: int = 64, source_dir=None, only: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """The values of tensors ``names`` for each calibration sample (at most
-    ``max_samples``); ``source_dir`` finds the external weights of a proto."""
-    proto = _proto_with_outputs(model, names)
+    ``max_samples``); ``source_dir`` finds the external weights of a proto;
+    ``only``: run just the nodes they depend on."""
+    proto = _proto_with_outputs(model, names, only)
     source_dir = getattr(model, "source_dir", None) or source_dir
     sess = runtime.session(proto, source_dir=source_dir, optimize=False)
     for i, sample in enumerate(calibration):
@@ -57,7 +81,7 @@ def collect(model: Model | onnx.ModelProto, names: Sequence[str], calibration: A
 
 def _stack(model, names, calibration, max_samples, source_dir=None) -> dict[str, np.ndarray]:
     out: dict[str, list] = {n: [] for n in names}
-    for values in collect(model, names, calibration, max_samples, source_dir):
+    for values in collect(model, names, calibration, max_samples, source_dir, only=True):
         for n, v in values.items():
             out[n].append(v)
     return {n: np.concatenate(v, axis=0) if v else None for n, v in out.items()}
@@ -139,6 +163,8 @@ def reconstruct(original: onnx.ModelProto, model: Model, nodes: Sequence[tuple[g
     done = 0
     rng = np.random.default_rng(seed)
     taken = set(model.graph.tensors().keys())
+    # Read once: every layer's refit runs the model on the same samples again.
+    calibration = [dict(s) for _, s in zip(range(max_samples), calibration)]
     # The original model's outputs of every refitted layer, in one run.
     targets = _stack(original, sorted({n.outputs[0].name for n, _ in nodes}), calibration, max_samples,
                      model.source_dir)
