@@ -136,7 +136,7 @@ def _finish_report(report: dict[str, Any], report_dir: Path, calib_file: Path, a
     from graphopt.compress import config_toml
 
     pipeline = report["chosen"]["pipeline"]
-    toml_text = config_toml(pipeline, options.seed, str(calib_file.resolve()))
+    toml_text = config_toml(pipeline, options.seed, str(calib_file.resolve()), getattr(args, "metric", None) or ())
     toml_path = report_dir / "compress.toml"
     _write_text_atomic(toml_path, toml_text)
     shapes = "".join(f" --input-shape {k}={'x'.join(map(str, v))}" for k, v in options.input_shapes.items())

@@ -507,9 +507,11 @@ def chosen_pipeline(chosen: Candidate | None) -> str:
     return BASE_PIPELINE if chosen is None else f"{BASE_PIPELINE},{chosen.pipeline}"
 
 
-def config_toml(pipeline: str, seed: int, calib_file: str | None) -> str:
-    """A config for ``graphopt opt --config`` that rebuilds the chosen model."""
-    lines = ["# Rebuild: graphopt opt MODEL -o OUT --config THIS_FILE", "", "[run]", f"seed = {seed}"]
+def config_toml(pipeline: str, seed: int, calib_file: str | None, metrics: Sequence[str] = ()) -> str:
+    """A config for ``graphopt opt --config`` that rebuilds the chosen model
+    (with the ``--metric`` flags its fidelity budgets name)."""
+    flags = "".join(f" --metric {m}" for m in metrics)
+    lines = [f"# Rebuild: graphopt opt MODEL -o OUT --config THIS_FILE{flags}", "", "[run]", f"seed = {seed}"]
     if calib_file is not None:
         lines.append(f'calib = "{_toml_escape(calib_file)}"')
     return "\n".join(lines) + "\n\n" + to_toml(parse(pipeline))

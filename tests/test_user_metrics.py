@@ -111,6 +111,8 @@ def test_compress_accepts_on_the_user_metric(metric_file, tmp_path):
     assert scored and all("agree" in c["fidelity"] for c in scored)
     assert all(c["met"] == (c["fidelity"]["agree"] >= 0.97) for c in scored)  # accepted on the user metric
     assert "agree 0." in (tmp_path / "rep" / "report.html").read_text()  # the HTML's candidate table shows it
+    rebuild = (tmp_path / "rep" / "compress.toml").read_text().splitlines()[0]
+    assert rebuild.endswith(f"--metric agree={metric_file}:agreement")  # the config needs the metric to rebuild
 
 
 @pytest.mark.parametrize("flags,message", [
