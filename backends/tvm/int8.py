@@ -46,7 +46,8 @@ def _op_name(expr) -> str | None:
     return getattr(op, "name", None) if isinstance(expr, relax.Call) else None
 
 
-def _const_array(expr) -> np.ndarray | None:
+def const_array(expr) -> np.ndarray | None:
+    """The value of a Relax constant as numpy, else None."""
     value = getattr(expr, "value", None)
     if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(value, "numpy"):
         return value.numpy()
@@ -70,7 +71,7 @@ def _shape(expr) -> tuple[int, ...] | None:
 
 
 def _scalar(expr, what: str) -> float:
-    a = _const_array(expr)
+    a = const_array(expr)
     if a is None or a.size != 1:
         raise _Skip(f"{what} is not a constant scalar")
     return float(a.reshape(-1)[0])
@@ -104,7 +105,7 @@ class _Lowering(PyExprMutator):
     def _const_eval(self, expr) -> np.ndarray:
         """Fold a constant float expression (dequantize/reshape of constants)."""
         expr = self._value(expr)
-        a = _const_array(expr)
+        a = const_array(expr)
         if a is not None:
             return a
         name = _op_name(expr)
@@ -140,7 +141,7 @@ class _Lowering(PyExprMutator):
             expr = self._value(expr.args[0])
         if _op_name(expr) != "relax.dequantize":
             raise _Skip("weight is not a DequantizeLinear output")
-        q = _const_array(self._value(expr.args[0]))
+        q = const_array(self._value(expr.args[0]))
         if q is None:
             raise _Skip("weight is not constant")
         if str(q.dtype) not in _QRANGE:

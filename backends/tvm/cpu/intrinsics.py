@@ -81,7 +81,7 @@ def _impl(llvm_name: str, lanes: int, data: str):
     return impl
 
 
-def _impl_pairs(lanes: int):
+def _impl_pairs(llvm_name: str, lanes: int):
     """``vpmaddubsw`` (byte pairs into int16), then ``vpmaddwd`` by ones (int16
     pairs into int32), added to the accumulator."""
     @T.prim_func(s_tir=True)
@@ -95,7 +95,7 @@ def _impl_pairs(lanes: int):
             T.writes(C[0:lanes])
             column = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
             pairs = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.llvm_lookup_intrinsic_id(llvm_name),
                 T.reinterpret(T.broadcast(column, lanes), dtype=f"uint8x{4 * lanes}"),
                 B.vload([0, 0], dtype=f"int8x{4 * lanes}"),
                 dtype=f"int16x{2 * lanes}",
@@ -114,7 +114,7 @@ def dot_intrinsic(name: str) -> str:
     (registered on first use)."""
     llvm_name, lanes, data = _INSTRUCTIONS[name]
     registered = f"graphopt_{name}_{lanes}x4_local"
-    impl = _impl_pairs(lanes) if name == "vpmaddubsw" else _impl(llvm_name, lanes, data)
+    impl = _impl_pairs(llvm_name, lanes) if name == "vpmaddubsw" else _impl(llvm_name, lanes, data)
     TensorIntrin.register(registered, _desc(lanes, data), impl)
     return registered
 

@@ -40,6 +40,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from backends.tvm.cpu.conv2d import column_limit, column_tile
 from backends.tvm.cpu.intrinsics import pairs_fit_int16
 from backends.tvm.cpu.target import Int8Dot
+from backends.tvm.int8 import const_array
 
 _op = tvm.ir.Op.get
 _CONV2D = _op("relax.nn.conv2d")
@@ -120,11 +121,6 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
 
 def _dtype(expr: relax.Expr) -> str:
     return str(getattr(expr.ty, "dtype", ""))
-
-
-def _constant(expr: relax.Expr) -> np.ndarray | None:
-    value = getattr(expr, "value", None)
-    return value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(value, "numpy") else None
 
 
 def unblock(blocked: relax.Expr) -> relax.Expr:
@@ -361,7 +357,7 @@ class _PlanLayouts(PyExprMutator):
                 or _dtype(source) != "uint8" or _dtype(weight) != "int8" or out_dtype != "int32"):
             return None
         shifted = dot.data == "int8"
-        weights = _constant(weight)
+        weights = const_array(weight)
         if (shifted or dot.pairs_int16) and weights is None:
             return None
         if dot.pairs_int16 and not pairs_fit_int16(weights):

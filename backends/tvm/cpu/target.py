@@ -103,8 +103,7 @@ class Int8Dot:
 
 
 def int8_dot(target: tvm.target.Target) -> Int8Dot | None:
-    """The dot product int8 convolutions use on ``target``, or None (they stay
-    TVM's kernels):
+    """The dot product int8 convolutions use on ``target``, or None:
 
     * AVX-512 VNNI ``vpdpbusd``: uint8 x int8, 16 lanes; AVX-VNNI: 8 lanes;
     * AVX2 ``vpmaddubsw`` + ``vpmaddwd``: uint8 x int8, 8 lanes, its pair
@@ -115,7 +114,8 @@ def int8_dot(target: tvm.target.Target) -> Int8Dot | None:
       shifted by -128 first and the shift's ``128 * sum(W)`` added back
       (``backends.tvm.cpu.layout``).
 
-    Other convolutions stay TVM's kernels."""
+    Other int8 convolutions run their exact small integers on the float
+    templates (``backends.tvm.cpu.layout``)."""
     from backends.tvm.cpu import intrinsics
 
     features = cpu_features(target)
