@@ -331,3 +331,35 @@ def test_passes_of_a_named_pipeline_do_not_report_doing_nothing(tmp_path, capsys
     onnx.save(proto, str(src))
     assert graphopt.cli.main(["opt", str(src), "-o", str(out), "--no-cache"]) == 0
     assert "changed nothing" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attrs", [
+    "pads = [1, 2, 0, 1], strides = [2, 1]",
+    "pads = [2, 2, 2, 2], dilations = [2, 2]",
+    "auto_pad = \"SAME_UPPER\", strides = [2, 2]",
+    "auto_pad = \"VALID\"",
+])
+def test_im2col_rows_reproduce_onnxruntime_conv(attrs):
+    """Sampled patch rows times the flattened kernel are the Conv's outputs at
+    those positions, padding included."""
+    import onnx.parser
+
+    from graphopt import runtime
+    from graphopt.ir import Model
+    from passes.pruning.recovery import im2col
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[2, 3, 9, 7] x, float[5, 3, 3, 3] w) => (float[2, 5, ?, ?] y) {{
+        y = Conv <{attrs}> (x, w)
+    }}"""
+    proto = onnx.parser.parse_model(text)
+    x = rng.standard_normal((2, 3, 9, 7)).astype(np.float32)
+    want = runtime.session(proto).run(None, {"x": x, "w": w})[0]
+    node = Model.from_proto(proto).graph.nodes[0]
+    rows, pos = im2col(x, node, (3, 3), rng=np.random.default_rng(0), max_rows=40)
+    got = rows @ w.reshape(5, -1).T
+    np.testing.assert_allclose(got, want[pos[:, 0], :, pos[:, 1], pos[:, 2]], rtol=1e-4, atol=1e-4)
+    assert len(pos) == min(40, want.shape[0] * want.shape[2] * want.shape[3])

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
-from graphopt import runtime
+from graphopt.activations import Activations
 from graphopt.console import progress
 
 Curve = list[tuple[int, float]]  # (channels removed, output error), starting at (0, 0)
@@ -60,44 +60,44 @@ class Reference:
     calibration samples after the first ``skip`` (the ones recovery fits on: an
     in-sample score flatters the groups whose refitted layers have the most
     weights), to score each trial model against.  ``held_out`` says whether
-    there were samples after ``skip``; if not, the first ones are used."""
+    there were samples after ``skip``; if not, the first ones are used.  A
+    trial runs only what its edit changed (:class:`graphopt.activations.Activations`)."""
 
     def __init__(self, proto: onnx.ModelProto, calibration: Any, max_samples: int, source_dir=None,
                  skip: int = 0, metric: Any = None):
-        self.samples = []
+        samples = []
         head = []
         for i, sample in enumerate(calibration):
             if i < skip:
                 if len(head) < max_samples:
                     head.append(dict(sample))
                 continue
-            if len(self.samples) >= max_samples:
+            if len(samples) >= max_samples:
                 break
-            self.samples.append(dict(sample))
-        self.held_out = bool(self.samples)
-        if not self.samples:
-            self.samples = head
+            samples.append(dict(sample))
+        self.held_out = bool(samples)
+        self.activations = Activations(proto, samples if samples else head, source_dir)
+        self.samples = self.activations.samples
         # a task metric (graphopt.metrics.UserMetric) judges the graph outputs themselves
         self.metric = metric
         self.names = [o.name for o in proto.graph.output] if metric is not None else compared_tensors(proto)
-        self.outputs = self._run(proto, source_dir)
-
-    def _run(self, proto: onnx.ModelProto, source_dir) -> list[dict[str, np.ndarray]]:
-        from passes.pruning.recovery import _proto_with_outputs
-
-        sess = runtime.session(_proto_with_outputs(proto, self.names), source_dir=source_dir, optimize=False)
-        return [dict(zip(self.names, sess.run(self.names, s))) for s in self.samples]
+        self.outputs = self.activations.values(self.names)
 
     def error(self, proto: onnx.ModelProto, source_dir=None) -> float:
         """The trial's error: the mean squared relative output error, or with a
         task metric ``1 - metric`` (its mean over the samples; a score such as
         F1 is 1 when nothing moved)."""
-        got = self._run(proto, source_dir)
+        got = self.activations.run(proto, self.names, source_dir)
         if self.metric is not None:
-            scores = [self.metric.score(want, g, s) for g, want, s in zip(got, self.outputs, self.samples)]
+            # the metric gets arrays of its own: the reference values are shared, read-only
+            scores = [self.metric.score(_copies(want), g, s) for g, want, s in zip(got, self.outputs, self.samples)]
             return max(0.0, 1.0 - float(np.mean(scores))) if scores else 0.0
         errs = [output_error(g, want) for g, want in zip(got, self.outputs)]
         return float(np.mean(errs)) if errs else 0.0
+
+
+def _copies(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in values.items()}
 
 
 def measure(trial: Callable[[int, int], float], removals: dict[int, list[int]],

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.activations import Activations, with_outputs
 from graphopt.context import PassContext
 from graphopt.errors import UsageError
 from graphopt.ir import Model
@@ -234,6 +235,9 @@ class PruneChannels(Pass):
             notes.append(f"allocate=sensitivity: no calibration samples beyond the {samples} that trials are "
                          "recovered on; trials were scored on those same samples")
         failed: list[str] = []
+        # The original's activations on the samples trials are recovered on, shared by every trial.
+        fit = Activations(proto, (s for _, s in zip(range(samples), ctx.calibration)), source_dir) \
+            if self.reconstruct else None
 
         def trial(g: int, n: int) -> float:
             m = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()), source_dir=source_dir)
@@ -245,7 +249,7 @@ class PruneChannels(Pass):
             try:
                 prune(m, a, keep, ctx, reconstruct=self.reconstruct, original=proto if self.reconstruct else None,
                       max_samples=samples, lam=self.ridge, downstream=self.refit == "downstream",
-                      max_rows=self.fit_rows)
+                      max_rows=self.fit_rows, activations=fit)
                 return reference.error(m.to_proto(), source_dir)
             except Exception as exc:  # a trial model onnxruntime rejects: not pruned that far
                 failed.append(f"#{g} ({type(exc).__name__})")
@@ -292,12 +296,15 @@ def _consumer_plan(analysis: ChannelAnalysis, keep: dict[int, np.ndarray]):
 
 def prune(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], ctx: PassContext | None = None,
           *, reconstruct: bool = True, original: onnx.ModelProto | None = None, max_samples: int = 32,
-          lam: float = 1e-4, downstream: bool = False, max_rows: int = recovery.MAX_ROWS) -> dict:
+          lam: float = 1e-4, downstream: bool = False, max_rows: int = recovery.MAX_ROWS,
+          activations: Activations | None = None) -> dict:
     """Remove channels (``keep``: group id -> kept indices) and recover: least
     squares with calibration data and ``reconstruct`` (with ``downstream``, also
     every later layer whose input the pruning changed); otherwise mean folding
     (calibration means, or exact constants without calibration) and BN
-    re-estimation with calibration data.  Returns stats (with ``notes``)."""
+    re-estimation with calibration data.  ``activations``: the original on
+    the first ``max_samples`` calibration samples, for callers that prune
+    many variants of one model.  Returns stats (with ``notes``)."""
     calibration = getattr(ctx, "calibration", None) if ctx is not None else None
     plan = _consumer_plan(analysis, keep)
     stats: dict[str, Any] = {"groups_pruned": len(keep), "notes": []}
@@ -320,7 +327,8 @@ def prune(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], 
             order = {id(n): i for i, n in enumerate(topological_order(model.graph))}
             nodes = sorted(nodes + later, key=lambda item: order.get(id(item[0]), len(order)))
         done, notes = recovery.reconstruct(original, model, nodes, calibration, lam=lam, max_samples=max_samples,
-                                           seed=getattr(ctx, "seed", 0), max_rows=max_rows)
+                                           seed=getattr(ctx, "seed", 0), max_rows=max_rows,
+                                           activations=activations)
         stats["reconstructed"] = done
         stats["notes"] += notes
     else:
@@ -429,7 +437,7 @@ def _constant_channels(model: Model, names, plan, ctx) -> dict[str, np.ndarray]:
     from graphopt import runtime
 
     layouts = {n.inputs[0].name: layout for n, layout, *_ in plan}
-    proto = recovery._proto_with_outputs(model, names)
+    proto = with_outputs(model, names)
     try:
         sess = runtime.session(proto, source_dir=model.source_dir, optimize=False)
         shapes = dict(getattr(ctx, "input_shapes", None) or {})

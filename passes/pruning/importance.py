@@ -67,7 +67,7 @@ def activation_importance(analysis: ChannelAnalysis, groups: list[int], calibrat
     Conv/Gemm/MatMul (i.e. after the group's activation), over calibration data."""
     if calibration is None:
         raise UsageError("prune-channels: criterion=activation needs calibration data (--calib)")
-    from passes.pruning.recovery import collect
+    from graphopt.activations import collect
 
     probes: dict[str, Layout] = {}
     for tensor, layout, _ in analysis.probes:
@@ -129,7 +129,7 @@ def reconstruction_importance(analysis: ChannelAnalysis, groups: list[int], cali
     constant weight) fall back to activation scores."""
     if calibration is None:
         raise UsageError("prune-channels: criterion=reconstruction needs calibration data (--calib)")
-    from passes.pruning.recovery import collect
+    from graphopt.activations import collect
 
     wanted = set(groups)
     probes = []  # (tensor name, layout, node)

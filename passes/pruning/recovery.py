@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt import runtime
+from graphopt.activations import Activations, collect
 from graphopt.ir import Model
 from graphopt.rewrite import as_constant, fresh_name
 from passes.pruning.groups import flush_subnormals, replace_constant_input
@@ -27,64 +27,13 @@ from passes.pruning.groups import flush_subnormals, replace_constant_input
 MAX_ROWS = 8192  # rows of a least-squares problem (sampled positions)
 
 
-def _proto_with_outputs(model: Model | onnx.ModelProto, names: Sequence[str],
-                        only: bool = False) -> onnx.ModelProto:
-    """The model with ``names`` as extra outputs; with ``only``, those are its
-    only outputs and the nodes they do not depend on are dropped (so a tensor
-    early in the network costs only the layers before it)."""
-    proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    # Mid-pruning, intermediate shape annotations may still be the unpruned
-    # ones; onnxruntime would trust them.  Let it infer shapes itself.
-    del proto.graph.value_info[:]
-    if only and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                        for n in proto.graph.node for a in n.attribute):  # subgraphs read outer names: keep all
-        _keep_ancestors(proto.graph, names)
-        del proto.graph.output[:]
-    present = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in present:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            present.add(name)
-    return proto
-
-
-def _keep_ancestors(graph: onnx.GraphProto, names: Sequence[str]) -> None:
-    """Drop the nodes of ``graph`` that none of tensors ``names`` depends on."""
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
-    needed, stack = set(), [producer[n] for n in names if n in producer]
-    while stack:
-        i = stack.pop()
-        if i in needed:
-            continue
-        needed.add(i)
-        stack.extend(producer[t] for t in graph.node[i].input if t in producer)
-    kept = [n for i, n in enumerate(graph.node) if i in needed]
-    del graph.node[:]
-    graph.node.extend(kept)
-
-
-def collect(model: Model | onnx.ModelProto, names: Sequence[str], calibration: Any,
-            max_samples: int = 64, source_dir=None, only: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """The values of tensors ``names`` for each calibration sample (at most
-    ``max_samples``); ``source_dir`` finds the external weights of a proto;
-    ``only``: run just the nodes they depend on."""
-    proto = _proto_with_outputs(model, names, only)
-    source_dir = getattr(model, "source_dir", None) or source_dir
-    sess = runtime.session(proto, source_dir=source_dir, optimize=False)
-    for i, sample in enumerate(calibration):
-        if i >= max_samples:
-            break
-        values = sess.run(list(names), dict(sample))
-        yield dict(zip(names, values))
-
-
 def _stack(model, names, calibration, max_samples, source_dir=None) -> dict[str, np.ndarray]:
-    out: dict[str, list] = {n: [] for n in names}
-    for values in collect(model, names, calibration, max_samples, source_dir, only=True):
-        for n, v in values.items():
-            out[n].append(v)
-    return {n: np.concatenate(v, axis=0) if v else None for n, v in out.items()}
+    return _concatenate(list(collect(model, names, calibration, max_samples, source_dir, only=True)), names)
+
+
+def _concatenate(rows: Sequence[dict[str, np.ndarray]], names: Sequence[str]) -> dict[str, np.ndarray | None]:
+    """Per-sample values joined along the batch axis."""
+    return {n: np.concatenate([r[n] for r in rows], axis=0) if rows else None for n in names}
 
 
 def im2col(x: np.ndarray, node: gs.Node, kernel: Sequence[int], positions: np.ndarray | None = None,
@@ -108,7 +57,6 @@ def im2col(x: np.ndarray, node: gs.Node, kernel: Sequence[int], positions: np.nd
         pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
     elif auto == "VALID":
         pads = [0, 0, 0, 0]
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     oh = (h + pads[0] + pads[2] - (kh - 1) * dy - 1) // sy + 1
     ow = (w + pads[1] + pads[3] - (kw - 1) * dx - 1) // sx + 1
     if positions is None:
@@ -117,9 +65,13 @@ def im2col(x: np.ndarray, node: gs.Node, kernel: Sequence[int], positions: np.nd
             (rng or np.random.default_rng(0)).choice(total, max_rows, replace=False))
         positions = np.stack(np.unravel_index(flat, (n, oh, ow)), axis=1)
     b, oy, ox = positions[:, 0], positions[:, 1], positions[:, 2]
-    ky = (oy[:, None] * sy + np.arange(kh)[None, :] * dy)  # [rows, kh]
-    kx = (ox[:, None] * sx + np.arange(kw)[None, :] * dx)  # [rows, kw]
-    patches = xp[b[:, None, None, None], np.arange(c)[None, :, None, None], ky[:, None, :, None], kx[:, None, None, :]]
+    # taps in unpadded coordinates; the ones in the padding read zero (no padded copy of x)
+    ky = oy[:, None] * sy - pads[0] + np.arange(kh)[None, :] * dy  # [rows, kh]
+    kx = ox[:, None] * sx - pads[1] + np.arange(kw)[None, :] * dx  # [rows, kw]
+    inside = ((ky >= 0) & (ky < h))[:, :, None] & ((kx >= 0) & (kx < w))[:, None, :]  # [rows, kh, kw]
+    patches = x[b[:, None, None, None], np.arange(c)[None, :, None, None],
+                np.clip(ky, 0, h - 1)[:, None, :, None], np.clip(kx, 0, w - 1)[:, None, None, :]]
+    patches = np.where(inside[:, None], patches, np.zeros((), x.dtype))
     return patches.reshape(len(b), -1), positions
 
 
@@ -155,19 +107,25 @@ def _bias_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray, 
 
 def reconstruct(original: onnx.ModelProto, model: Model, nodes: Sequence[tuple[gs.Node, np.ndarray | None]],
                 calibration: Any, lam: float = 1e-4, max_samples: int = 32,
-                seed: int = 0, max_rows: int = MAX_ROWS) -> tuple[int, list[str]]:
+                seed: int = 0, max_rows: int = MAX_ROWS,
+                activations: Activations | None = None) -> tuple[int, list[str]]:
     """Least-squares refit of ``nodes`` (Conv group=1 2-D, Gemm, MatMul with a
     constant 2-D weight), each with its kept output channels (None: all), in
-    graph order.  Returns (refitted, notes)."""
+    graph order.  ``activations``: the original model on the calibration
+    samples, shared by callers that refit many variants of one model (built
+    here when not given).  Returns (refitted, notes)."""
     notes: list[str] = []
     done = 0
     rng = np.random.default_rng(seed)
     taken = set(model.graph.tensors().keys())
-    # Read once: every layer's refit runs the model on the same samples again.
-    calibration = [dict(s) for _, s in zip(range(max_samples), calibration)]
-    # The original model's outputs of every refitted layer, in one run.
-    targets = _stack(original, sorted({n.outputs[0].name for n, _ in nodes}), calibration, max_samples,
-                     model.source_dir)
+    shared = activations is not None
+    if activations is None:
+        activations = Activations(original, (s for _, s in zip(range(max_samples), calibration)),
+                                  model.source_dir)
+    # The original model's outputs of every refitted layer (kept for the next
+    # caller only where one shares the activations).
+    names = sorted({n.outputs[0].name for n, _ in nodes})
+    targets = _concatenate(activations.values(names, keep=shared), names)
     for node, kept_out in nodes:
         w_const = as_constant(node.inputs[1])
         if w_const is None:
@@ -175,7 +133,8 @@ def reconstruct(original: onnx.ModelProto, model: Model, nodes: Sequence[tuple[g
         w = np.asarray(w_const.values)
         x_name, y_name = node.inputs[0].name, node.outputs[0].name
         target = targets[y_name]
-        x = _stack(model, [x_name], calibration, max_samples)[x_name]
+        # Only what the edits so far changed runs again; the rest is the original's.
+        x = _concatenate(activations.run(model.to_proto(), [x_name], model.source_dir), [x_name])[x_name]
         if target is None or x is None:
             continue
         if kept_out is not None:
