@@ -97,6 +97,7 @@ class Activations:
         self._inputs = {i.name for i in proto.graph.input}
         self._initializers = {t.name: t.SerializeToString() for t in proto.graph.initializer}
         self._nodes = {n.output[0]: n.SerializeToString() for n in proto.graph.node if n.output}
+        self._producer = {o: n for n in proto.graph.node for o in n.output if o}
         self._incremental = not has_subgraphs(proto.graph) and not proto.graph.sparse_initializer
         self._cache: OrderedDict[str, list[np.ndarray]] = OrderedDict()
         self._bytes = 0
@@ -107,13 +108,12 @@ class Activations:
         names = list(dict.fromkeys(names))
         missing = [n for n in names if n not in self._cache and n not in self._inputs]
         columns: dict[str, list[np.ndarray]] = {n: [] for n in missing}
-        if missing:
-            for values in collect(self.proto, missing, self.samples, len(self.samples), self.source_dir, only=True):
-                for n, v in values.items():
-                    # a copy: onnxruntime's array can hold its session's whole arena alive
-                    v = np.array(v, copy=True)
-                    v.flags.writeable = False
-                    columns[n].append(v)
+        for values in self._compute(missing):
+            for n, v in values.items():
+                # a copy: onnxruntime's array can hold its session's whole arena alive
+                v = np.array(v, copy=True)
+                v.flags.writeable = False
+                columns[n].append(v)
         for n in names:
             if n in self._cache:
                 self._cache.move_to_end(n)
@@ -126,6 +126,33 @@ class Activations:
                 self._bytes += sum(v.nbytes for v in columns[n])
             self._evict(keep=set(names))
         return out
+
+    def _compute(self, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """The original's values of ``names`` per sample, starting from the
+        values already kept (callers that walk the network front to back pay
+        for each layer about once)."""
+        if not names or not self.samples:
+            return iter(())
+        known = set(self._cache) | self._inputs
+        if self._incremental:
+            nodes = _ancestors(self.proto.graph, names, self._producer, stop=known)
+            produced = {o for n in nodes for o in n.output}
+            frontier = list(dict.fromkeys(t for n in nodes for t in n.input
+                                          if t and t not in produced and t not in self._initializers))
+            if all(t in known for t in frontier) and any(t not in self._inputs for t in frontier):
+                for t in frontier:
+                    if t in self._cache:
+                        self._cache.move_to_end(t)
+                return self._run_part(self.proto, nodes, frontier, names, self.values(frontier), self.source_dir)
+        return collect(self.proto, names, self.samples, len(self.samples), self.source_dir, only=True)
+
+    @staticmethod
+    def _run_part(model: onnx.ModelProto, nodes, frontier, names, feeds, source_dir) -> Iterator[dict[str, np.ndarray]]:
+        """``nodes`` of ``model`` alone, fed ``frontier`` from ``feeds``: the values of ``names`` per sample."""
+        sess = runtime.session(_submodel(model, nodes, frontier, names, feeds[0]), source_dir=source_dir,
+                               optimize=False)
+        for feed in feeds:
+            yield dict(zip(names, sess.run(list(names), {t: feed[t] for t in frontier})))
 
     def _evict(self, keep: set[str]) -> None:
         for name in list(self._cache):
@@ -157,13 +184,8 @@ class Activations:
         if unknown:  # read but neither produced nor an input: let onnxruntime name it
             return list(collect(edited, names, self.samples, len(self.samples), source_dir, only=True))
         fed = self.values(frontier + [n for n in names if n in clean])
-        sub = _submodel(edited, nodes, frontier, dirty_names, fed[0] if fed else {})
-        sess = runtime.session(sub, source_dir=source_dir, optimize=False)
-        out = []
-        for feed in fed:
-            values = dict(zip(dirty_names, sess.run(dirty_names, {t: feed[t] for t in frontier})))
-            out.append({n: values[n] if n in values else feed[n] for n in names})
-        return out
+        return [{n: values[n] if n in values else feed[n] for n in names}
+                for feed, values in zip(fed, self._run_part(edited, nodes, frontier, dirty_names, fed, source_dir))]
 
     def _unchanged(self, edited: onnx.ModelProto) -> tuple[set[str], dict[str, onnx.NodeProto]]:
         """Tensors of ``edited`` whose values are the original's, and the

@@ -144,3 +144,15 @@ def test_model_with_subgraphs_runs_whole():
     edited.graph.node[0].op_type = "Sigmoid"  # read by both branches through the outer scope
     got = cache.run(edited, ["y"])
     np.testing.assert_allclose(got[0]["y"], -1 / (1 + np.exp(-samples[0]["x"])), rtol=1e-6)
+
+
+def test_values_start_from_what_is_kept(sessions):
+    proto, samples = _model(), _samples()
+    cache = act.Activations(proto, samples)
+    cache.values(["r"])
+    sessions.clear()
+    got = cache.values(["y"])
+    assert sessions == [["Conv", "Add", "Sigmoid"]]  # from the kept Relu on
+    want = _full_run(proto, ["y"], samples)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g["y"], w["y"])

@@ -65,13 +65,14 @@ def im2col(x: np.ndarray, node: gs.Node, kernel: Sequence[int], positions: np.nd
             (rng or np.random.default_rng(0)).choice(total, max_rows, replace=False))
         positions = np.stack(np.unravel_index(flat, (n, oh, ow)), axis=1)
     b, oy, ox = positions[:, 0], positions[:, 1], positions[:, 2]
-    # taps in unpadded coordinates; the ones in the padding read zero (no padded copy of x)
-    ky = oy[:, None] * sy - pads[0] + np.arange(kh)[None, :] * dy  # [rows, kh]
-    kx = ox[:, None] * sx - pads[1] + np.arange(kw)[None, :] * dx  # [rows, kw]
-    inside = ((ky >= 0) & (ky < h))[:, :, None] & ((kx >= 0) & (kx < w))[:, None, :]  # [rows, kh, kw]
-    patches = x[b[:, None, None, None], np.arange(c)[None, :, None, None],
-                np.clip(ky, 0, h - 1)[:, None, :, None], np.clip(kx, 0, w - 1)[:, None, None, :]]
-    patches = np.where(inside[:, None], patches, np.zeros((), x.dtype))
+    # one gather per kernel tap, in unpadded coordinates: taps in the padding stay zero
+    patches = np.zeros((len(b), c, kh, kw), x.dtype)
+    for i in range(kh):
+        y = oy * sy - pads[0] + i * dy
+        for j in range(kw):
+            xs = ox * sx - pads[1] + j * dx
+            inside = (y >= 0) & (y < h) & (xs >= 0) & (xs < w)
+            patches[inside, :, i, j] = x[b[inside], :, y[inside], xs[inside]]
     return patches.reshape(len(b), -1), positions
 
 
