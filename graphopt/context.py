@@ -18,7 +18,9 @@ class PassContext:
 
     ``calibration`` is a calibration-data reader (quantization, activation-based
     pruning); ``inputs`` are sample inputs for verification; ``input_shapes``
-    pins dynamic dimensions.  ``scratch`` lets cooperating passes share results
+    pins dynamic dimensions.  ``vector_lanes``: fp32 lanes of the target's
+    vector registers where the run knows its target (hardware-friendly sizes,
+    e.g. prune-channels' round-to).  ``scratch`` lets cooperating passes share results
     (e.g. an analysis reused by a later transform) without globals.
     """
 
@@ -27,6 +29,7 @@ class PassContext:
     inputs: Mapping[str, np.ndarray] | None = None
     input_shapes: Mapping[str, list[int]] | None = None
     tolerance: float | None = None
+    vector_lanes: int | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
     log: Callable[[str], None] = _stderr

@@ -55,8 +55,9 @@ def _error(before, after) -> float:
 
 def test_sensitivity_spends_the_budget_on_the_redundant_group():
     proto = _two_groups()
-    uniform, u_model = _prune(proto, "prune-channels{ratio=0.25}")
-    sens, s_model = _prune(proto, 'prune-channels{ratio=0.25,allocate=sensitivity,sensitivity-ratios="0.25;0.5;0.75"}')
+    uniform, u_model = _prune(proto, "prune-channels{ratio=0.25,allocate=uniform,round-to=1}")
+    sens, s_model = _prune(proto, 'prune-channels{ratio=0.25,allocate=sensitivity,budget=channels,round-to=1,'
+                                  'sensitivity-ratios="0.25;0.5;0.75"}')
     for record in (uniform, sens):  # the same total: a quarter of the 64 prunable channels
         assert record.stats["channels_before"] == 64 and record.stats["channels_after"] == 48
     u_shapes, s_shapes = init_shapes(u_model), init_shapes(s_model)
@@ -79,10 +80,10 @@ def test_sensitivity_respects_round_to_min_channels_and_protect():
     shapes = init_shapes(after)
     assert shapes["w1"][0] % 8 == 0 and shapes["w2"][0] % 8 == 0
     assert shapes["w1"][0] + shapes["w2"][0] == 48
-    record, after = _prune(proto, "prune-channels{ratio=0.4,allocate=sensitivity,min-channels=20}")
+    record, after = _prune(proto, "prune-channels{ratio=0.4,allocate=sensitivity,budget=channels,min-channels=20,round-to=1}")
     shapes = init_shapes(after)
     assert shapes["w1"][0] >= 20 and shapes["w2"][0] >= 20
-    record, after = _prune(proto, 'prune-channels{ratio=0.25,allocate=sensitivity,protect="conv_a"}')
+    record, after = _prune(proto, 'prune-channels{ratio=0.25,allocate=sensitivity,budget=channels,round-to=1,protect="conv_a"}')
     shapes = init_shapes(after)
     assert shapes["w1"][0] == 32 and shapes["w2"][0] == 24  # a quarter of the 32 channels left prunable
     assert list(record.stats["allocation"].values()) == [0.25]
@@ -105,8 +106,8 @@ def test_sensitivity_options_are_checked():
 
 def test_ridge_option_changes_the_refit():
     proto = _two_groups(seed=2)
-    _, small = _prune(proto, "prune-channels{ratio=0.5,ridge=0}")
-    _, large = _prune(proto, "prune-channels{ratio=0.5,ridge=100}")
+    _, small = _prune(proto, "prune-channels{ratio=0.5,ridge=0,allocate=uniform,round-to=1}")
+    _, large = _prune(proto, "prune-channels{ratio=0.5,ridge=100,allocate=uniform,round-to=1}")
     assert init_shapes(small)["w2"] == init_shapes(large)["w2"] == (16, 16, 1, 1)
     assert _error(proto, small) < _error(proto, large)  # heavy shrinkage pulls the refit away from the data
 
@@ -178,8 +179,8 @@ def test_reconstruction_criterion_through_a_3x3_consumer():
     updates); at the same ratios the refit-error choice leaves a smaller error
     than mean |activation|."""
     proto = _two_groups(seed=2)
-    act, a_model = _prune(proto, "prune-channels{ratio=0.5,criterion=activation}")
-    rec, r_model = _prune(proto, "prune-channels{ratio=0.5,criterion=reconstruction}")
+    act, a_model = _prune(proto, "prune-channels{ratio=0.5,criterion=activation,allocate=uniform,round-to=1}")
+    rec, r_model = _prune(proto, "prune-channels{ratio=0.5,criterion=reconstruction,allocate=uniform,round-to=1}")
     assert init_shapes(r_model)["w3"] == init_shapes(a_model)["w3"] == (4, 16, 3, 3)
     assert rec.stats["reconstructed"] == 2
     onnx.checker.check_model(r_model)
@@ -224,12 +225,12 @@ def test_sensitivity_scores_trials_on_a_task_metric():
     metrics.register(metrics.UserMetric("fit", fit, "test"))
     try:
         proto = _two_groups()
-        record, after = _prune(proto, 'prune-channels{ratio=0.25,allocate=sensitivity,sensitivity-metric=fit,'
+        record, after = _prune(proto, 'prune-channels{ratio=0.25,allocate=sensitivity,budget=channels,round-to=1,sensitivity-metric=fit,'
                                       'sensitivity-ratios="0.25;0.5;0.75"}')
         with pytest.raises(UsageError, match="unknown metric 'nope'"):
             _prune(proto, "prune-channels{allocate=sensitivity,sensitivity-metric=nope}")
         with pytest.raises(UsageError, match="needs allocate=sensitivity"):
-            _prune(proto, "prune-channels{sensitivity-metric=fit}")
+            _prune(proto, "prune-channels{allocate=uniform,sensitivity-metric=fit}")
     finally:
         metrics.unregister("fit")
     assert seen_inputs and all(names == ["x"] for names in seen_inputs)
@@ -237,3 +238,43 @@ def test_sensitivity_scores_trials_on_a_task_metric():
     assert shapes["w1"][0] < shapes["w2"][0] and shapes["w1"][0] + shapes["w2"][0] == 48
     errors = [e for curve in record.stats["sensitivity"].values() for _, e in curve]
     assert all(0.0 <= e <= 1.0 for e in errors) and max(errors) > 0.0
+
+
+def test_allocate_by_cost_ranks_error_per_unit_saved():
+    """Group 1 costs more error per channel but saves ten times the MACs per
+    channel: with a MAC budget it goes first; a segment the budget reaches
+    into is taken whole (only measured counts are used)."""
+    from passes.pruning.allocation import allocate_by_cost
+
+    curves = {0: [(0, 0.0), (4, 0.04), (8, 0.08)], 1: [(0, 0.0), (4, 0.08), (8, 0.16)]}
+    costs = {0: {4: 40, 8: 80}, 1: {4: 400, 8: 800}}
+    removed, predicted, spent = allocate_by_cost(curves, costs, 600)
+    assert removed == {0: 0, 1: 8} and spent == 800
+    assert predicted == pytest.approx(0.12)  # the hull's estimate at the budget
+    removed, _, spent = allocate_by_cost(curves, costs, 10_000)  # more than all trials reach
+    assert removed == {0: 8, 1: 8} and spent == 880
+
+
+def test_with_data_the_defaults_are_data_driven_and_spend_a_mac_budget():
+    """With --calib, plain prune-channels{ratio=R} ranks channels by refit
+    error, allocates by measured sensitivity and removes R of the model's
+    MACs; kept counts are multiples of the target's lanes (8 unnamed),
+    rounded up; without data: l1, uniform."""
+    from graphopt.summary import node_macs
+
+    proto = _two_groups()
+    record, after = _prune(proto, "prune-channels{ratio=0.25}")
+    assert record.stats["settings"] == {"criterion": "reconstruction", "allocate": "sensitivity",
+                                        "round_to": 8, "round_up": True}
+    shapes = init_shapes(after)
+    assert shapes["w1"][0] % 8 == 0 and shapes["w2"][0] % 8 == 0
+    macs = [sum(n["macs"] for n in node_macs(Model.from_proto(p))) for p in (proto, after)]
+    assert macs[1] <= 0.75 * macs[0] or any("MACs asked for" in n for n in record.notes)
+    assert _error(proto, after) < 0.2
+
+    model = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    ctx = PassContext(quiet=True, vector_lanes=16)
+    plain = graphopt.optimize(model, "prune-channels{ratio=0.25}", context=ctx).records[-1]
+    assert plain.stats["settings"] == {"criterion": "l1", "allocate": "uniform", "round_to": 16, "round_up": True}
+    # 32 channels less a quarter is 24, rounded up to 32: nothing goes
+    assert not plain.changed

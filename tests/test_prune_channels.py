@@ -81,7 +81,7 @@ def test_round_to_and_min_channels():
     _, _, after = apply(_chain(), "prune-channels{ratio=0.3,round-to=8}")
     shapes = init_shapes(after)
     assert shapes["w1"][0] == 24 and shapes["w2"][0] == 16  # 32-9=23 -> 24; 16-4=12 -> 16 (rounded)
-    _, _, after = apply(_chain(), "prune-channels{ratio=0.9,min-channels=10}")
+    _, _, after = apply(_chain(), "prune-channels{ratio=0.9,min-channels=10,round-to=1}")
     shapes = init_shapes(after)
     assert shapes["w1"][0] == 10 and shapes["w2"][0] == 10
 
@@ -98,7 +98,7 @@ def test_protect_keeps_group_whole():
 
 
 def test_global_scope_ranks_across_groups():
-    _, result, after = apply(_chain(), "prune-channels{ratio=0.25,scope=global}")
+    _, result, after = apply(_chain(), "prune-channels{ratio=0.25,scope=global,round-to=1}")
     stats = _stats(result)
     assert stats["channels_before"] - stats["channels_after"] == 12  # floor(0.25 * 48)
     shapes = init_shapes(after)
@@ -158,8 +158,8 @@ def test_reconstruction_brings_outputs_closer():
     proto = _chain(c1=32, c2=32, seed=4)
     feeds = {"x": np.random.default_rng(9).standard_normal((2, 3, 6, 6)).astype(F)}
     want = ort_run(proto, feeds)["y"]
-    plain_result, plain = _calibrated(proto, "prune-channels{ratio=0.5,reconstruct=false}")
-    rec_result, rec = _calibrated(proto, "prune-channels{ratio=0.5}")
+    plain_result, plain = _calibrated(proto, "prune-channels{ratio=0.5,reconstruct=false,allocate=uniform,round-to=1}")
+    rec_result, rec = _calibrated(proto, "prune-channels{ratio=0.5,allocate=uniform,round-to=1}")
     assert init_shapes(plain)["w2"] == init_shapes(rec)["w2"] == (16, 16, 1, 1)
     assert _stats(rec_result)["reconstructed"] == 2
     assert _stats(plain_result)["bias_folded"] == 2
@@ -179,8 +179,8 @@ def test_reconstruction_recovers_redundant_channels():
     proto = _chain(w1=w1, bias1=b1)
     feeds = {"x": np.random.default_rng(9).standard_normal((2, 3, 6, 6)).astype(F)}
     want = ort_run(proto, feeds)["y"]
-    _, plain = _calibrated(proto, "prune-channels{ratio=0.5,reconstruct=false,protect=relu3}")
-    _, rec = _calibrated(proto, "prune-channels{ratio=0.5,protect=relu3}")
+    _, plain = _calibrated(proto, "prune-channels{ratio=0.5,reconstruct=false,protect=relu3,criterion=l1,allocate=uniform}")
+    _, rec = _calibrated(proto, "prune-channels{ratio=0.5,protect=relu3,criterion=l1,allocate=uniform}")
     assert init_shapes(rec)["w1"][0] == 16
     assert runtime.relative_error(ort_run(plain, feeds)["y"], want) > 0.05
     assert runtime.relative_error(ort_run(rec, feeds)["y"], want) < 1e-3
@@ -206,7 +206,7 @@ def test_bn_gamma_criterion():
              helper.make_node("BatchNormalization", ["a", "s", "t", "m", "v"], ["bn"]),
              helper.make_node("Relu", ["bn"], ["r"]), conv("r", "w2", "y")]
     proto = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 4, 4, 4])], inits)
-    _, _, after = apply(proto, "prune-channels{ratio=0.25,criterion=bn-gamma}")
+    _, _, after = apply(proto, "prune-channels{ratio=0.25,criterion=bn-gamma,round-to=1}")
     kept = onnx.numpy_helper.to_array(next(t for t in after.graph.initializer if t.name == "s"))
     assert kept.shape == (12,) and kept.min() > 0.4
 

@@ -163,6 +163,36 @@ def allocate(curves: dict[int, Curve], budget: int) -> tuple[dict[int, int], flo
     return removed, error
 
 
+def allocate_by_cost(curves: dict[int, Curve], costs: dict[int, dict[int, int]],
+                     budget: int) -> tuple[dict[int, int], float, int]:
+    """:func:`allocate` with the budget in another unit than channels: each
+    trial's ``costs[group][channels removed]`` (e.g. MACs saved), so groups
+    are ranked by error per unit saved.  Returns (channels removed per group,
+    predicted error, units removed).  A group's segment that the budget takes
+    in part is taken whole: every count removed is one a trial measured (and
+    one that rounding to vector lanes allows), and the budget is met or
+    passed, never missed by a rounding."""
+    points: dict[int, list[tuple[int, int]]] = {}  # (cost, channels), increasing in both
+    by_cost: dict[int, Curve] = {}
+    for g in sorted(curves):
+        pts, curve, last = [(0, 0)], [(0, 0.0)], 0
+        for n, e in sorted(curves[g]):
+            if n == 0:
+                continue
+            c = max(int(costs.get(g, {}).get(n, 0)), last + 1)  # a failed trial has no cost: keep order
+            pts.append((c, n))
+            curve.append((c, e))
+            last = c
+        points[g], by_cost[g] = pts, curve
+    spent, error = allocate(by_cost, budget)
+    removed, reached = {}, 0
+    for g, c in spent.items():
+        cost, n = next(((c2, n2) for c2, n2 in points[g] if c2 >= c), points[g][-1])
+        removed[g] = n if c > 0 else 0
+        reached += cost if c > 0 else 0
+    return removed, error, reached
+
+
 def removal_grid(size: int, ratios: Sequence[float], floor: int) -> list[int]:
     """Distinct channel counts to try removing from a group of ``size``
     (never below ``floor`` kept)."""

@@ -12,6 +12,7 @@ one ratio for all.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from typing import Any
@@ -34,22 +35,44 @@ from passes.pruning.importance import activation_importance, reconstruction_impo
 CRITERIA = ("l1", "l2", "bn-gamma", "activation", "reconstruction")
 
 
-def kept_count(size: int, remove: int, min_channels: int, round_to: int) -> int:
+def kept_count(size: int, remove: int, min_channels: int, round_to: int, up: bool = False) -> int:
     """Channels a group keeps: ``size - remove``, at least ``min_channels`` (and
-    1), rounded to a multiple of ``round_to`` (never above ``size``)."""
+    1), rounded to a multiple of ``round_to`` (the nearest, or with ``up`` the
+    next, so that no group loses more than asked; never above ``size``)."""
     keep = max(size - remove, min_channels, 1)
     if round_to > 1:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
+        steps = math.ceil(keep / round_to) if up else int(round(keep / round_to))
+        keep = max(round_to, steps * round_to)
     return min(keep, size)
 
 
+# round-to=0: kept counts become multiples of the target's fp32 vector lanes
+# (PassContext.vector_lanes), rounded up; this many where no target is named:
+# whole AVX2 and NEON registers, half an AVX-512 one.
+DEFAULT_LANES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The options as this run applies them: ``auto`` resolved by whether
+    calibration data is given, round-to by the target."""
+
+    criterion: str
+    allocate: str
+    round_to: int
+    round_up: bool
+
+    def kept(self, size: int, remove: int, min_channels: int) -> int:
+        return kept_count(size, remove, min_channels, self.round_to, self.round_up)
+
+
 def select(scores: dict[int, np.ndarray], ratio: float, scope: str, min_channels: int,
-           round_to: int) -> dict[int, np.ndarray]:
+           round_to: int, up: bool = False) -> dict[int, np.ndarray]:
     """Kept channel indices per group: the highest scores survive."""
     keep_n: dict[int, int] = {}
     if scope == "layer":
         for g, s in scores.items():
-            keep_n[g] = kept_count(len(s), int(math.floor(ratio * len(s) + 1e-9)), min_channels, round_to)
+            keep_n[g] = kept_count(len(s), int(math.floor(ratio * len(s) + 1e-9)), min_channels, round_to, up)
     else:
         # Global: one ranking of all prunable channels on scores divided by their group's mean.
         entries = []
@@ -69,7 +92,7 @@ def select(scores: dict[int, np.ndarray], ratio: float, scope: str, min_channels
                 removed[g] += 1
                 budget -= 1
         for g, s in scores.items():
-            keep_n[g] = kept_count(len(s), removed[g], min_channels, round_to)
+            keep_n[g] = kept_count(len(s), removed[g], min_channels, round_to, up)
     out = {}
     for g, s in scores.items():
         order = np.argsort(-s, kind="stable")
@@ -85,11 +108,13 @@ class PruneChannels(Pass):
 
     ratio = Option(float, 0.3, "fraction of channels removed (per group, or of all channels for scope=global)",
                    min=0.0, max=0.95)
-    criterion = Option(str, "l1", "channel importance", choices=CRITERIA)
+    criterion = Option(str, "auto", "channel importance; auto: reconstruction with calibration data, else l1",
+                       choices=("auto",) + CRITERIA)
     scope = Option(str, "layer", "rank channels within each group or across groups (normalized)",
                    choices=("layer", "global"))
     min_channels = Option(int, 1, "no group keeps fewer channels", min=1)
-    round_to = Option(int, 1, "kept channel counts are multiples of this", min=1)
+    round_to = Option(int, 0, "kept channel counts are multiples of this (rounded to the nearest); 0: of the "
+                      f"target's fp32 vector lanes ({DEFAULT_LANES} where none is named), rounded up", min=0)
     protect = Option(list, [], "node names or regexes whose groups stay whole")
     reconstruct = Option(bool, True, "least-squares refit of the next layers on calibration data (if given)")
     calib_samples = Option(int, 32, "calibration samples used for activations and reconstruction", min=1)
@@ -99,9 +124,12 @@ class PruneChannels(Pass):
     fit_rows = Option(int, recovery.MAX_ROWS, "reconstruction: most rows (sampled positions) of each "
                       "least-squares fit", min=16)
     ridge = Option(float, 1e-4, "reconstruction: ridge strength, relative to the mean input energy", min=0.0)
-    allocate = Option(str, "uniform", "per-group ratios: uniform (ratio and scope) or sensitivity (measured on "
-                      "calibration data: insensitive groups lose more; the total stays ratio of all channels)",
-                      choices=("uniform", "sensitivity"))
+    allocate = Option(str, "auto", "per-group ratios: uniform (ratio and scope) or sensitivity (measured on "
+                      "calibration data: insensitive groups lose more, see budget); auto: sensitivity with "
+                      "calibration data, else uniform", choices=("auto", "uniform", "sensitivity"))
+    budget = Option(str, "macs", "allocate=sensitivity: ratio is the fraction of the model's MACs removed (macs: "
+                    "groups are ranked by output error per MAC) or of its prunable channels (channels)",
+                    choices=("macs", "channels"))
     sensitivity_ratios = Option(list, [], "allocate=sensitivity: ratios each group is measured at, pruned alone "
                                 "(';'-separated; the largest caps a group); empty: ratio/2, ratio, 3*ratio/2")
     sensitivity_metric = Option(str, "", "allocate=sensitivity: a task metric (--metric NAME or a graphopt.metrics "
@@ -109,14 +137,25 @@ class PruneChannels(Pass):
     sensitivity_samples = Option(int, 16, "allocate=sensitivity: calibration samples each trial is recovered on, "
                                  "and as many following ones it is scored on", min=1)
 
+    def settings(self, ctx: PassContext) -> Settings:
+        """The options this run applies (``auto`` and ``round-to=0`` resolved)."""
+        data = ctx.calibration is not None
+        criterion = self.criterion if self.criterion != "auto" else ("reconstruction" if data else "l1")
+        allocate = self.allocate if self.allocate != "auto" else ("sensitivity" if data else "uniform")
+        if self.round_to:
+            return Settings(criterion, allocate, self.round_to, False)
+        return Settings(criterion, allocate, getattr(ctx, "vector_lanes", None) or DEFAULT_LANES, True)
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.criterion in ("activation", "reconstruction") and ctx.calibration is None:
             raise UsageError(f"prune-channels: criterion={self.criterion} needs calibration data (--calib)")
         if self.allocate == "sensitivity" and ctx.calibration is None:
             raise UsageError("prune-channels: allocate=sensitivity needs calibration data (--calib)")
-        if self.sensitivity_metric and self.allocate != "sensitivity":
-            raise UsageError("prune-channels: option 'sensitivity-metric' needs allocate=sensitivity")
-        if self.allocate == "sensitivity":
+        settings = self.settings(ctx)
+        if self.sensitivity_metric and settings.allocate != "sensitivity":
+            raise UsageError("prune-channels: option 'sensitivity-metric' needs allocate=sensitivity "
+                             "(the default with --calib)")
+        if settings.allocate == "sensitivity":
             self._task_metric()  # an unknown name fails before any work
         grid = self._grid()
         notes = _materialize_weights(model)
@@ -135,22 +174,23 @@ class PruneChannels(Pass):
         if not prunable:
             stats.update(groups_pruned=0, channels_after=stats["channels_before"])
             return PassResult(False, stats, notes, reason=_why_nothing_prunable(model, groups))
-        if self.criterion == "activation":
+        stats["settings"] = dataclasses.asdict(settings)
+        if settings.criterion == "activation":
             scores = activation_importance(analysis, prunable, ctx.calibration, self.calib_samples)
-        elif self.criterion == "reconstruction":
+        elif settings.criterion == "reconstruction":
             scores = reconstruction_importance(analysis, prunable, ctx.calibration, self.calib_samples, self.ridge)
         else:
-            scores = weight_importance(analysis, prunable, self.criterion)
-        if self.allocate == "sensitivity":
-            keep = self._allocate(model, analysis, scores, ctx, grid, stats, notes)
+            scores = weight_importance(analysis, prunable, settings.criterion)
+        if settings.allocate == "sensitivity":
+            keep = self._allocate(model, analysis, scores, ctx, grid, settings, stats, notes)
         else:
-            keep = select(scores, self.ratio, self.scope, self.min_channels, self.round_to)
+            keep = select(scores, self.ratio, self.scope, self.min_channels, settings.round_to, settings.round_up)
         keep = {g: k for g, k in keep.items() if len(k) < analysis.spaces[g].size}
         if not keep:
             stats.update(groups_pruned=0, channels_after=stats["channels_before"])
             return PassResult(False, stats, notes, reason=(
                 f"every one of the {len(prunable)} prunable groups keeps all its channels at ratio={self.ratio} "
-                f"(min-channels={self.min_channels}, round-to={self.round_to})"))
+                f"(min-channels={self.min_channels}, round-to={settings.round_to})"))
         original = model.to_proto() if ctx.calibration is not None and self.reconstruct else None
         before = model.to_proto() if ctx.calibration is None else None
         result = prune(model, analysis, keep, ctx, reconstruct=self.reconstruct, original=original,
@@ -213,7 +253,8 @@ class PruneChannels(Pass):
         return metric
 
     def _allocate(self, model: Model, analysis: ChannelAnalysis, scores: dict[int, np.ndarray],
-                  ctx: PassContext, grid: list[float], stats: dict, notes: list[str]) -> dict[int, np.ndarray]:
+                  ctx: PassContext, grid: list[float], settings: Settings, stats: dict,
+                  notes: list[str]) -> dict[int, np.ndarray]:
         """Kept channels per group from measured sensitivities: each group pruned
         alone at each ratio of ``grid`` (with this pass's recovery), then the
         budget spent where the output error per channel is least."""
@@ -225,7 +266,7 @@ class PruneChannels(Pass):
         floor = max(self.min_channels, 1)
         removals = {}
         for g, size in sizes.items():
-            counts = {size - kept_count(size, n, self.min_channels, self.round_to)
+            counts = {size - settings.kept(size, n, self.min_channels)
                       for n in allocation.removal_grid(size, grid, floor)}
             removals[g] = sorted(n for n in counts if n > 0)
         samples = self.sensitivity_samples
@@ -238,6 +279,9 @@ class PruneChannels(Pass):
         # The original's activations on the samples trials are recovered on, shared by every trial.
         fit = Activations(proto, (s for _, s in zip(range(samples), ctx.calibration)), source_dir) \
             if self.reconstruct else None
+        by_macs = self.budget == "macs"
+        base_macs = _total_macs(model, ctx) if by_macs else 0
+        saved: dict[int, dict[int, int]] = {g: {} for g in sizes}  # MACs a trial removed
 
         def trial(g: int, n: int) -> float:
             m = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()), source_dir=source_dir)
@@ -250,27 +294,41 @@ class PruneChannels(Pass):
                 prune(m, a, keep, ctx, reconstruct=self.reconstruct, original=proto if self.reconstruct else None,
                       max_samples=samples, lam=self.ridge, downstream=self.refit == "downstream",
                       max_rows=self.fit_rows, activations=fit)
+                if by_macs:
+                    saved[g][n] = base_macs - _total_macs(m, ctx)
                 return reference.error(m.to_proto(), source_dir)
             except Exception as exc:  # a trial model onnxruntime rejects: not pruned that far
                 failed.append(f"#{g} ({type(exc).__name__})")
                 return math.inf
 
         curves = allocation.measure(trial, removals, quiet=getattr(ctx, "quiet", True))
-        budget = int(math.ceil(self.ratio * sum(sizes.values()) - 1e-9))  # at least ratio of the channels
-        removed, predicted = allocation.allocate(curves, budget)
-        if sum(removed.values()) < budget:
-            notes.append(f"allocate=sensitivity: the measured ratios reach {sum(removed.values())} of the "
-                         f"{budget} channels asked for (largest ratio {grid[-1]:g} per group)")
+        if by_macs:
+            budget = int(math.ceil(self.ratio * base_macs - 1e-9))
+            removed, predicted, reached = allocation.allocate_by_cost(curves, saved, budget)
+            unit = "MACs"
+        else:
+            budget = int(math.ceil(self.ratio * sum(sizes.values()) - 1e-9))  # at least ratio of the channels
+            removed, predicted = allocation.allocate(curves, budget)
+            reached, unit = sum(removed.values()), "channels"
+        if reached < budget:
+            notes.append(f"allocate=sensitivity: the measured ratios reach {reached} of the {budget} {unit} "
+                         f"asked for (largest ratio {grid[-1]:g} per group)")
         if failed:
             notes.append(f"allocate=sensitivity: trials failed for groups {', '.join(sorted(set(failed)))}; "
                          "each is pruned at most up to its last ratio that worked")
-        keep = {g: np.sort(order[g][: kept_count(sizes[g], removed[g], self.min_channels, self.round_to)])
+        keep = {g: np.sort(order[g][: settings.kept(sizes[g], removed[g], self.min_channels)])
                 for g in scores}
         stats["allocation"] = {f"#{g} {'+'.join(roots[g][:2])}": round(1 - len(keep[g]) / sizes[g], 3)
                                for g in sorted(sizes)}
         stats["sensitivity"] = {f"#{g}": [[n, round(e, 6)] for n, e in curves[g]] for g in sorted(curves)}
         stats["predicted_error"] = round(predicted, 6)
         return keep
+
+
+def _total_macs(model: Model, ctx: PassContext) -> int:
+    from graphopt.summary import node_macs
+
+    return sum(n["macs"] for n in node_macs(model, getattr(ctx, "input_shapes", None)))
 
 
 def _consumer_plan(analysis: ChannelAnalysis, keep: dict[int, np.ndarray]):
