@@ -219,10 +219,6 @@ def is_gpu(target: tvm.target.Target) -> bool:
     return relax.pipeline.BackendDispatcher.is_gpu_target(target)
 
 
-def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
-
-
 def default_schedule(mod: tvm.IRModule, target: tvm.target.Target, choices: dict | None = None) -> tvm.IRModule:
     """Schedule the kernels the database did not: DLight's GPU rules (a GPU kernel
     without a schedule does not compile), graphopt's CPU library on ``llvm``,

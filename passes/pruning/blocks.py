@@ -35,6 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import runtime
+from graphopt.activations import with_outputs
 from graphopt.context import PassContext
 from graphopt.errors import PassError, first_line
 from graphopt.fidelity import MetricAccumulator
@@ -210,12 +211,7 @@ def _same_observed(observed, *tensors: gs.Tensor) -> bool:
 
 def observe_shapes(model: Model, tensors: list[gs.Tensor], samples) -> dict[str, list[tuple[int, ...]]]:
     """The shape each of ``tensors`` takes in onnxruntime, per sample."""
-    proto = model.to_proto()
-    have = {o.name for o in proto.graph.output}
-    for t in tensors:
-        if t.name not in have:
-            have.add(t.name)
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(t.name))
+    proto = with_outputs(model, [t.name for t in tensors])
     try:
         sess = runtime.session(proto, source_dir=model.source_dir)
         runs = [runtime.run(sess, s) for s in samples]

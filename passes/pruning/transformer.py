@@ -781,15 +781,10 @@ def _collect(model: Model, ctx: PassContext, tensors: list[gs.Tensor], reduce: C
              what: str) -> None:
     """Run the model over the calibration samples with ``tensors`` as extra outputs."""
     from graphopt import runtime
+    from graphopt.activations import with_outputs
 
-    proto = model.to_proto()
-    existing = {o.name for o in proto.graph.output}
     names = [t.name for t in tensors]
-    for t in tensors:
-        if t.name not in existing:
-            dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)) if t.dtype is not None else \
-                onnx.TensorProto.FLOAT
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(t.name, dtype, None))
+    proto = with_outputs(model, names)
     try:
         sess = runtime.session(proto, source_dir=model.source_dir)
         for sample in ctx.calibration.track(f"{what}: measuring"):

@@ -187,14 +187,6 @@ def quantize_bias(bias: np.ndarray, input_scale, weight_scale) -> QuantizedTenso
     return QuantizedTensor(q, scale32, np.zeros(scale32.shape, np.int32), 0 if per_channel else None)
 
 
-def tensor_error(x: np.ndarray, qt: QuantizedTensor) -> float:
-    """Relative error ``max|x - dq(q(x))| / max|x|`` of a quantized constant."""
-    x = np.asarray(x, dtype=np.float32)
-    d = qt.dequantize()
-    m = float(np.abs(x).max(initial=0.0))
-    return float(np.abs(x - d).max(initial=0.0)) / m if m > 0 else 0.0
-
-
 # ----------------------------------------------------------------------------------
 # Op tables (what onnxruntime's CPU provider runs quantized from QDQ)
 # ----------------------------------------------------------------------------------

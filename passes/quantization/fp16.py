@@ -191,15 +191,11 @@ def out_of_range_tensors(model: Model, ctx: PassContext, limit: float) -> set[st
     """Float32 values of the main graph whose magnitude exceeds ``limit`` on
     the run's sample inputs (``ctx.inputs``, else seeded random data)."""
     from graphopt import runtime
+    from graphopt.activations import with_outputs
 
-    proto = model.to_proto()
-    outputs = {o.name for o in proto.graph.output}
-    for node in proto.graph.node:
-        for name in node.output:
-            t = model.graph.tensors().get(name)
-            if name and name not in outputs and t is not None and _dtype(t) == F32:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-                outputs.add(name)
+    tensors = model.graph.tensors()
+    proto = with_outputs(model, [name for node in model.graph.nodes for name in (o.name for o in node.outputs)
+                                 if name and name in tensors and _dtype(tensors[name]) == F32])
     sess = runtime.session(proto, source_dir=model.source_dir)
     feeds = ctx.inputs if ctx.inputs is not None else runtime.random_inputs(sess, seed=ctx.seed,
                                                                              shapes=ctx.input_shapes)

@@ -59,17 +59,12 @@ def channel_stats(model: Model, data: Iterable[Mapping[str, np.ndarray]], axes: 
     for NCHW).  The model is run in onnxruntime with those tensors exposed as
     extra outputs; tensors it cannot produce are missing from the result.
     """
-    from onnx import TensorProto, helper
-
     from graphopt import runtime
+    from graphopt.activations import with_outputs
 
     if not axes:
         return {}
-    proto = model.to_proto()
-    present = {o.name for o in proto.graph.output}
-    for name in axes:
-        if name not in present:
-            proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    proto = with_outputs(model, list(axes))
     sess = runtime.session(proto, source_dir=model.source_dir)
     names = list(axes)
     inputs = {i.name for i in sess.get_inputs()}
