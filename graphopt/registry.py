@@ -6,6 +6,7 @@ the ``graphopt.passes`` entry-point group; an entry point may name a module
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import sys
 from typing import Callable, Iterable, TypeVar
@@ -14,6 +15,7 @@ from graphopt.errors import UsageError
 from graphopt.pass_base import Pass, _suggest
 
 ENTRY_POINT_GROUP = "graphopt.passes"
+BUILTIN_ENTRY_POINT, BUILTIN_MODULE = "builtin", "passes"  # pyproject.toml's entry point for the built-in passes
 
 _PASSES: dict[str, type[Pass]] = {}
 _PIPELINES: dict[str, tuple[str, str]] = {}  # name -> (pipeline text, doc)
@@ -48,10 +50,15 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    import passes  # noqa: F401  (built-in passes register themselves)
-
+    eps = _entry_points()
+    # The built-in passes come through the project's own entry point, like a
+    # plug-in, and first (a plug-in cannot take a built-in's name).  A source
+    # tree used without `pip install` has no entry points: import them by name.
+    builtin = [ep for ep in eps if ep.name == BUILTIN_ENTRY_POINT]
+    if not builtin:
+        importlib.import_module(BUILTIN_MODULE)
     load_entry_points(
-        _entry_points(),
+        builtin + [ep for ep in eps if ep.name != BUILTIN_ENTRY_POINT],
         accept=lambda obj: isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _PASSES,
         register=lambda obj, ep_name: register_pass(obj.name or ep_name)(obj),
         errors=_plugin_errors,
