@@ -45,7 +45,8 @@ def compile_model(
     """
     from backends.registry import get_backend
     from graphopt import __version__
-    from graphopt.ir import load, umask
+    from graphopt.files import umask
+    from graphopt.ir import load
 
     options = options or CompileOptions()
     be = get_backend(backend)

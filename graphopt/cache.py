@@ -200,7 +200,7 @@ class Entry:
         """Copy the cached model to ``output`` atomically (data file first, then the
         model, each through a temporary file and a rename), pointing its external
         data at ``OUTPUT.data`` as a fresh run would."""
-        from graphopt.ir import atomic_files
+        from graphopt.files import atomic_files
 
         output = Path(output)
         location = self.meta.get("data_location")
@@ -413,7 +413,7 @@ class CommandCache:
         self.status = "hit"
         seconds = time.perf_counter() - start
         if report_path:
-            from graphopt.cli import write_json_atomic  # noqa: PLC0415 (cli imports this module)
+            from graphopt.files import write_json_atomic
 
             report = dict(entry.report or {}, cache="hit", output=str(output), seconds=round(seconds, 6),
                           cached_seconds=(entry.report or {}).get("seconds"))

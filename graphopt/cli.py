@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from graphopt.errors import ExitCode, GraphoptError, UsageError
+from graphopt.files import write_json_atomic
 
 
 class _Parser(argparse.ArgumentParser):
@@ -487,15 +488,6 @@ def load_npz(path: str, flag: str) -> dict[str, Any]:
         raise UsageError(f"{flag} {path}: no such file") from None
     except Exception as exc:
         raise UsageError(f"{flag} {path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else exc})") from None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    from graphopt.ir import atomic_files
-
-    with atomic_files() as beside:
-        with open(beside(path), "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
 
 
 def _version() -> str:

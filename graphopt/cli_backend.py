@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def write_npz_atomic(path: Path, arrays: dict[str, Any]) -> None:
     import numpy as np
 
-    from graphopt.ir import atomic_files
+    from graphopt.files import atomic_files
 
     try:
         with atomic_files() as beside:

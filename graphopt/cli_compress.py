@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.errors import ExitCode, PassError, UsageError
+from graphopt.files import copy_atomic, write_json_atomic, write_text_atomic
 from graphopt.logging_flags import json_summary, run_log
 
 
@@ -138,7 +139,7 @@ def _finish_report(report: dict[str, Any], report_dir: Path, calib_file: Path, a
     pipeline = report["chosen"]["pipeline"]
     toml_text = config_toml(pipeline, options.seed, str(calib_file.resolve()), getattr(args, "metric", None) or ())
     toml_path = report_dir / "compress.toml"
-    _write_text_atomic(toml_path, toml_text)
+    write_text_atomic(toml_path, toml_text)
     shapes = "".join(f" --input-shape {k}={'x'.join(map(str, v))}" for k, v in options.input_shapes.items())
     report["chosen"].update({
         "toml": toml_text,
@@ -150,11 +151,10 @@ def _finish_report(report: dict[str, Any], report_dir: Path, calib_file: Path, a
 
 
 def _write_reports(report: dict[str, Any], report_dir: Path) -> None:
-    from graphopt.cli import write_json_atomic
     from graphopt.report_html import render
 
     write_json_atomic(report_dir / "report.json", report)
-    _write_text_atomic(report_dir / "report.html", render(report))
+    write_text_atomic(report_dir / "report.html", render(report))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -176,7 +176,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not (out.parent if str(out.parent) else Path(".")).is_dir():
             raise UsageError(f"-o {out}: parent folder '{out.parent}' does not exist")
         out.mkdir()
-    _write_text_atomic(out / "report.html", render(report))
+    write_text_atomic(out / "report.html", render(report))
     print(f"graphopt: wrote {out / 'report.html'}", file=sys.stderr)
     return 0
 
@@ -221,20 +221,10 @@ def _compile(output: Path, args, options, display: "_Display") -> dict[str, Any]
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from graphopt.ir import atomic_files
-
     try:
-        with atomic_files() as beside:
-            shutil.copyfile(src, beside(dst))
+        copy_atomic(src, dst)
     except OSError as exc:
         raise UsageError(f"{dst}: cannot write ({exc.strerror or exc})") from None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    from graphopt.ir import atomic_files
-
-    with atomic_files() as beside:
-        beside(path).write_text(text)
 
 
 class _Display:

@@ -8,14 +8,12 @@ half-written model, and it never touches the input file.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -28,6 +26,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 G_LOGGER.severity = G_LOGGER.ERROR
 
 from graphopt.errors import ModelError, UsageError, first_line
+from graphopt.files import atomic_files
 
 TWO_GB = 2**31
 # Tensors smaller than this stay inline when writing external data, as onnx does.
@@ -782,49 +781,6 @@ def refuse_overwriting_inputs(model: Model, path: Path, protect) -> None:
         raise UsageError(f"{path}: refusing to overwrite the input model")
     if out in data_files or data in data_files:
         raise UsageError(f"{path}: refusing to overwrite the input model's external data")
-
-
-def tmp_beside(path: Path) -> Path:
-    """A new empty file beside ``path`` to write and then rename onto it, with the
-    permissions a new file gets (0666 less the umask), as onnx.save's do."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600.
-        os.fchmod(fd, 0o666 & ~umask())
-    finally:
-        os.close(fd)
-    return Path(name)
-
-
-@contextlib.contextmanager
-def atomic_files() -> Iterator[Callable[[Path], Path]]:
-    """Write several files so that a failure leaves none half-written: inside the
-    block, ``beside(dest)`` gives a temporary file (:func:`tmp_beside`) to fill;
-    when the block ends, each is renamed onto its destination in the order they
-    were asked for (data before the model that points to it); when it raises,
-    they are removed."""
-    pending: list[tuple[Path, Path]] = []
-
-    def beside(dest: Path) -> Path:
-        tmp = tmp_beside(dest)
-        pending.append((tmp, dest))
-        return tmp
-
-    try:
-        yield beside
-        while pending:
-            os.replace(*pending[0])
-            pending.pop(0)
-    finally:
-        for tmp, _ in pending:
-            tmp.unlink(missing_ok=True)
-
-
-def umask() -> int:
-    """The process's umask (reading it means setting it; it is put back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int:

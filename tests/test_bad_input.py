@@ -345,20 +345,20 @@ def test_keyboard_interrupt_during_pass(capsys, work):
 
 
 def test_keyboard_interrupt_during_save_leaves_no_temp_files(capsys, work, monkeypatch):
-    import graphopt.ir as ir
+    import graphopt.files as files
 
     real_replace = os.replace
 
     def interrupted_replace(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ir.os, "replace", interrupted_replace)
+    monkeypatch.setattr(files.os, "replace", interrupted_replace)
     argv = ["opt", "good.onnx", "-o", "out/o.onnx", "-p", PIPE]
     check_failure(capsys, work, argv, 130)
-    monkeypatch.setattr(ir.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     # and with external data: both temp files go
     argv = ["opt", "good.onnx", "-o", "out/o.onnx", "-p", PIPE, "--external-data"]
-    monkeypatch.setattr(ir.os, "replace", interrupted_replace)
+    monkeypatch.setattr(files.os, "replace", interrupted_replace)
     check_failure(capsys, work, argv, 130)
 
 
@@ -463,20 +463,20 @@ def test_console_script_onnxruntime_failure_is_one_line(work):
 
 def test_unwritable_output_folder(capsys, work, monkeypatch):
     """An OSError while writing (permission denied, disk full) is one line, exit 2, no files."""
-    import graphopt.ir as ir
+    import graphopt.files as files
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    real_write = ir.os.replace
-    monkeypatch.setattr(ir.os, "replace", no_space)
+    real_write = files.os.replace
+    monkeypatch.setattr(files.os, "replace", no_space)
     check_failure(capsys, work, ["opt", "good.onnx", "-o", "out/o.onnx", "-p", PIPE], 2, "out/o.onnx", "No space")
-    monkeypatch.setattr(ir.os, "replace", real_write)
+    monkeypatch.setattr(files.os, "replace", real_write)
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ir.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
     check_failure(capsys, work, ["opt", "good.onnx", "-o", "out/o.onnx", "-p", PIPE], 2, "out/o.onnx",
                   "Permission denied")
 

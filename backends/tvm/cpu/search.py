@@ -33,6 +33,7 @@ from tvm import relax, tirx
 from backends.tvm.cpu.templates import Config, TemplateRule, default_config, kernel_key
 from graphopt.console import StatusReport
 from graphopt.errors import UsageError, first_line
+from graphopt.files import write_text_atomic
 
 DB_FILE = "graphopt-templates.json"
 _FORMAT = 1
@@ -104,9 +105,7 @@ class TemplateDatabase:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": _FORMAT, "targets": self.records}, indent=1, sort_keys=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=".templates-", delete=False) as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, self.path)
+        write_text_atomic(self.path, text)
 
 
 # ---------------------------------------------------------------- kernels
