@@ -135,6 +135,19 @@ class Model:
     # the pass manager clears them whenever a pass reports a change.
     analyses: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
+    # -- facts ----------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        """The version of the default (ai.onnx) operator set the model imports."""
+        opsets = self.info.opset_imports
+        return int(opsets.get("", opsets.get("ai.onnx", 1)))
+
+    @property
+    def overridable(self) -> frozenset[str]:
+        """Initializers that are also graph inputs: callers may feed them, so no
+        pass may treat their values as known."""
+        return frozenset(self.info.initializer_inputs)
+
     # -- conversion -----------------------------------------------------------------
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source_dir: Path | None = None) -> "Model":

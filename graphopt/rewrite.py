@@ -6,7 +6,17 @@ renamed to the output's name, or the rewrite is refused.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from graphopt.ir import Model
+
+# The operator sets whose ops graphopt knows by name (ai.onnx and ai.onnx.ml;
+# their op names do not collide).  Custom-domain ops may have side effects or
+# state we cannot see.
+STANDARD_DOMAINS = frozenset({None, "", "ai.onnx", "ai.onnx.ml"})
 
 
 def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
@@ -155,3 +165,18 @@ def legalize_scalar_operands(graph: gs.Graph) -> int:
             node.inputs[index] = scalar
             changed += 1
     return changed
+
+
+def lacks_annotations(model: "Model", ops: set[str]) -> bool:
+    """Whether some node of ``ops`` reads a value of unknown dtype or shape:
+    shape inference costs an export of the whole model, so it is skipped
+    when an earlier ``infer-shapes`` already did the work."""
+    from graphopt.ir import iter_graphs
+
+    for graph in iter_graphs(model.graph):
+        for node in graph.nodes:
+            if node.op in ops:
+                for t in node.inputs:
+                    if isinstance(t, gs.Variable) and t.name and (t.dtype is None or t.shape is None):
+                        return True
+    return False

@@ -13,7 +13,8 @@ from graphopt.context import PassContext
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, is_graph_input, is_graph_output, replace_all_uses, static_shape
+from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_input, is_graph_output, lacks_annotations,
+                              replace_all_uses, static_shape)
 from graphopt.stats import graph_stats
 from passes.shapes import annotate_shapes
 
@@ -22,8 +23,6 @@ from passes.shapes import annotate_shapes
 NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 )
-# Custom-domain ops may have side effects or state we cannot see.
-STANDARD_DOMAINS = frozenset({None, "", "ai.onnx", "ai.onnx.ml"})
 # Larger constants are loaded to test "all zeros"/"all ones" only up to this
 # many elements; lazily stored weights beyond it are never read.
 NEUTRAL_CHECK_MAX_ELEMENTS = 1 << 16
@@ -50,17 +49,6 @@ class EliminateDeadCode(Pass):
 # ----------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------
-def default_opset(model: Model) -> int:
-    opsets = model.info.opset_imports
-    return int(opsets.get("", opsets.get("ai.onnx", 1)))
-
-
-def overridable_names(model: Model) -> frozenset[str]:
-    """Initializers that are also graph inputs: callers may feed them, so no
-    pass may treat their values as known."""
-    return frozenset(model.info.initializer_inputs)
-
-
 class Bypasser:
     """Redirects the readers of one tensor to another inside one graph.
 
@@ -72,7 +60,7 @@ class Bypasser:
     def __init__(self, model: Model, graph: gs.Graph, top: bool):
         self.graph = graph
         self.top = top
-        self.overridable = overridable_names(model)
+        self.overridable = model.overridable
         self.local = {id(n) for n in graph.nodes}
         self.removed: set[int] = set()
 
@@ -320,9 +308,9 @@ def _broadcast_keeps_shape(shape, other: tuple[int, ...]) -> bool:
 
 class _IdentityRules:
     def __init__(self, model: Model, graph: gs.Graph):
-        self.opset = default_opset(model)
+        self.opset = model.opset
         self.graph = graph
-        self.overridable = overridable_names(model)
+        self.overridable = model.overridable
         self._shapes: dict[int, tuple[int, ...] | None] = {}
 
     # -- shape bookkeeping ------------------------------------------------------------
@@ -584,19 +572,6 @@ def _unsqueeze(shape: tuple[int, ...], axes: list[int]) -> tuple[int, ...] | Non
         return None
     dims = iter(shape)
     return tuple(1 if i in norm else next(dims) for i in range(rank))
-
-
-def lacks_annotations(model: Model, ops: set[str]) -> bool:
-    """Whether some node of ``ops`` reads a value of unknown dtype or shape:
-    shape inference costs an export of the whole model, so it is skipped
-    when an earlier ``infer-shapes`` already did the work."""
-    for graph in iter_graphs(model.graph):
-        for node in graph.nodes:
-            if node.op in ops:
-                for t in node.inputs:
-                    if isinstance(t, gs.Variable) and t.name and (t.dtype is None or t.shape is None):
-                        return True
-    return False
 
 
 @register_pass("eliminate-identity")

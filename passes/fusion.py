@@ -15,8 +15,7 @@ from graphopt.context import PassContext
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Pass, PassResult
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, fresh_name, sole_consumer
-from passes.cleanup import STANDARD_DOMAINS, lacks_annotations, default_opset, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, lacks_annotations, sole_consumer
 from passes.shapes import annotate_shapes
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -57,8 +56,8 @@ class _Fuser:
     def __init__(self, model: Model):
         self.model = model
         self.graph = model.graph
-        self.opset = default_opset(model)
-        self.overridable = overridable_names(model)
+        self.opset = model.opset
+        self.overridable = model.overridable
         self.names = {name for g in iter_graphs(model.graph) for name in g.tensors()}
         self.removed: set[int] = set()
 
@@ -381,7 +380,7 @@ class FuseGemm(Pass):
     one Gemm, which runtimes run as a single kernel."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if default_opset(model) < 7 or not any(n.op == "MatMul" for n in model.graph.nodes):
+        if model.opset < 7 or not any(n.op == "MatMul" for n in model.graph.nodes):
             return PassResult(changed=False, stats={"fused": 0}, reason=_NO_GEMM)
         if lacks_annotations(model, {"MatMul"}):
             annotate_shapes(model)

@@ -37,7 +37,7 @@ from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import fresh_name, is_graph_output, remove_nodes
-from passes.cleanup import default_opset
+
 from passes.sparsity import WEIGHT_OPS, WeightSite, check_ops, find_weight_sites
 
 
@@ -153,10 +153,10 @@ class ShareWeights(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         notes: list[str] = []
-        if self.mode == "gather" and self.granularity == "channel" and default_opset(model) < 11:
+        if self.mode == "gather" and self.granularity == "channel" and model.opset < 11:
             return PassResult(False, {"tensors": 0}, [
                 f"granularity=channel, mode=gather needs GatherElements (opset >= 11); the model has opset "
-                f"{default_opset(model)} (use mode=dense or granularity=tensor)"])
+                f"{model.opset} (use mode=dense or granularity=tensor)"])
         sites = find_weight_sites(model, self.ops, self.min_size, notes, self.exclude_nodes)
         k = 1 << self.bits
         taken = set(model.graph.tensors()) | {n.name for n in model.graph.nodes if n.name}
@@ -209,7 +209,7 @@ class ShareWeights(Pass):
     def _slice(model: Model, flat, size: int, const, var, node):
         """The first ``size`` values (Slice's inputs form from opset 10, attributes before)."""
         out = var("indices_trimmed", np.int32, (size,))
-        if default_opset(model) >= 10:
+        if model.opset >= 10:
             starts, ends = const("start", np.array([0], np.int64)), const("end", np.array([size], np.int64))
             return node("Slice", [flat, starts, ends], out)
         return node("Slice", [flat], out, starts=[0], ends=[size], axes=[0])

@@ -30,8 +30,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, is_graph_output
-from passes.cleanup import STANDARD_DOMAINS, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, is_graph_output
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -115,7 +114,7 @@ def find_weight_sites(model: Model, ops: Iterable[str], min_size: int, notes: li
     or smaller than ``min_size`` elements are left alone with a note."""
     ops = set(ops)
     exclude = set(exclude)
-    overridable = overridable_names(model)
+    overridable = model.overridable
     graph = model.graph
     seen: set[int] = set()
     sites: list[WeightSite] = []

@@ -42,8 +42,8 @@ from graphopt.fidelity import MetricAccumulator
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, is_graph_output, remove_nodes, replace_all_uses, static_shape
-from passes.cleanup import STANDARD_DOMAINS
+from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_output, remove_nodes, replace_all_uses,
+                              static_shape)
 from passes.shapes import annotate_shapes
 
 # Ops whose output on the skip path means a projection shortcut.

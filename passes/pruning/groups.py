@@ -38,8 +38,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import Model
-from graphopt.rewrite import as_constant, fresh_name, is_graph_output
-from passes.cleanup import default_opset
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, is_graph_output
+
 from passes.folding import outer_refs, topological_order
 from passes.shapes import annotate_shapes
 
@@ -212,7 +212,7 @@ class ChannelAnalysis:
     def __init__(self, model: Model):
         self.model = model
         self.graph = model.graph
-        self.opset = default_opset(model)
+        self.opset = model.opset
         self._overridable = frozenset(model.info.initializer_inputs) if model.info.ir_version >= 4 else frozenset()
         self.spaces: list[_Space] = []
         self.layouts: dict[int, Layout] = {}   # id(tensor) -> layout
@@ -365,7 +365,7 @@ class ChannelAnalysis:
             if refs:
                 for t in refs:
                     self.freeze(self.layout(t), f"read inside a subgraph of {node.op} '{node.name}'")
-            if (node.domain or "") not in ("", "ai.onnx"):
+            if node.domain not in STANDARD_DOMAINS:
                 self._unknown(node, ins, f"custom op {node.domain}::{node.op} '{node.name}'")
                 continue
             handler: Callable | None = getattr(self, f"_op_{node.op}", None)

@@ -60,8 +60,8 @@ from graphopt.errors import PassError, UsageError, first_line
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, fresh_name, is_graph_output
-from passes.cleanup import default_opset, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, is_graph_output
+
 
 CRITERIA = ("auto", "l1", "l2", "activation")
 # Removing units is lossy by design; this bound only catches a broken rewrite
@@ -125,9 +125,9 @@ class _Graph:
     def __init__(self, model: Model):
         self.model = model
         self.graph = model.graph
-        self.overridable = overridable_names(model)
+        self.overridable = model.overridable
         self._shapes: dict[str, list] | None = None
-        self.opset = default_opset(model)
+        self.opset = model.opset
         self.benign: set[int] = set()  # Shape nodes that read only dims pruning keeps
 
     @property
@@ -193,7 +193,7 @@ class _Linear:
 
 
 def _is_std(node: gs.Node) -> bool:
-    return node.domain in (None, "", "ai.onnx")
+    return node.domain in STANDARD_DOMAINS
 
 
 def _linear_ending_at(g: _Graph, tensor: gs.Tensor, what: str) -> _Linear:

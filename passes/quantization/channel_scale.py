@@ -30,8 +30,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.rewrite import as_constant, is_graph_output
-from passes.cleanup import STANDARD_DOMAINS
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, is_graph_output
 
 MAX_DEPTH = 32
 _TRANSPARENT = ("Identity", "Dropout", "Relu", "LeakyRelu")

@@ -35,8 +35,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, fresh_name, sole_consumer
-from passes.cleanup import STANDARD_DOMAINS, default_opset, lacks_annotations, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, lacks_annotations, sole_consumer
 from passes.quantization.common import quantize_weight
 from passes.quantization.sensitivity import FidelityBudgetOptions
 from passes.shapes import annotate_shapes
@@ -131,7 +130,7 @@ def find_sites(model: Model, selection: Selection, notes: list[str]) -> list[Sit
     and a float32 activation, in graph order; what is skipped gets a note."""
     if lacks_annotations(model, set(selection.ops)):
         annotate_shapes(model)
-    overridable = overridable_names(model)
+    overridable = model.overridable
     sites: list[Site] = []
     for node in model.graph.nodes:
         if node.op in ("Gather", "LSTM") or not selection.allows(node):
@@ -205,7 +204,7 @@ class _Builder:
         self.dql_cache: dict[int, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
         self.smooth_cache: dict[tuple, gs.Variable] = {}
         self.replacements: dict[int, list[gs.Node]] = {}
-        self.overridable = overridable_names(model)
+        self.overridable = model.overridable
         self.keep: set[str] = set()
         self.readers: dict[tuple, int] = {}
 
@@ -396,8 +395,8 @@ def quantize_gathers(model: Model, selection: Selection, notes: list[str]) -> in
     only the gathered rows are dequantized.  Returns how many were rewritten."""
     if "Gather" not in selection.ops:
         return 0
-    opset = default_opset(model)
-    overridable = overridable_names(model)
+    opset = model.opset
+    overridable = model.overridable
     b = _Builder(model)
     cache: dict[int, tuple[gs.Constant, gs.Constant, gs.Constant]] = {}
     done = 0
@@ -475,7 +474,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex,
                                    supported=DYNAMIC_OPS)
         spec = sens.fidelity_spec(self, ctx)
-        if self.format == "onnx" and default_opset(model) < 11:
+        if self.format == "onnx" and model.opset < 11:
             return PassResult(False, {"quantized": 0}, ["format=onnx needs opset >= 11 (DynamicQuantizeLinear)"])
         notes: list[str] = []
         sites = find_sites(model, selection, notes)

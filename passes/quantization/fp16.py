@@ -36,8 +36,7 @@ from graphopt.errors import PassError
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import fresh_name, is_graph_output
-from passes.cleanup import STANDARD_DOMAINS, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, fresh_name, is_graph_output
 from passes.shapes import annotate_shapes
 
 F32 = np.dtype(np.float32)
@@ -79,7 +78,7 @@ class _Converter:
         self.keep_nodes = keep_nodes
         self.names = {name for g in iter_graphs(model.graph) for name in g.tensors()}
         self.names.update(n.name for n in model.graph.nodes if n.name)
-        self.overridable = overridable_names(model)
+        self.overridable = model.overridable
         self.casts: dict[tuple[int, str], gs.Variable] = {}
         self.const16: dict[int, gs.Constant] = {}
         self.new_nodes: list[gs.Node] = []

@@ -39,8 +39,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import UsageError
 from graphopt.ir import Model, iter_graphs
-from graphopt.rewrite import as_constant, fresh_name, is_graph_output
-from passes.cleanup import STANDARD_DOMAINS, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, is_graph_output
 from passes.quantization import channel_scale
 from passes.shapes import refine_with_symbolic_inference
 
@@ -144,7 +143,7 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
     notes = notes if notes is not None else []
     keep = set(keep_float)
     existing = dict(existing or {})
-    overridable = overridable_names(model)
+    overridable = model.overridable
     groups: dict[str, list[Any]] = {}
     tensors: dict[str, gs.Tensor] = {}
     for site in sites:
@@ -271,7 +270,7 @@ def correct_biases(model: Model, weights: Sequence[tuple[gs.Node, int, int | Non
 
     notes = notes if notes is not None else []
     graph = model.graph
-    overridable = overridable_names(model)
+    overridable = model.overridable
     todo = []
     for node, index, axis in weights:
         if index != 1 or node.op not in ("Conv", "Gemm", "MatMul"):
@@ -397,7 +396,7 @@ def equalize_conv_pairs(model: Model, rounds: int = 4) -> int:
     """Cross-layer equalization of every ``Conv -> [Relu|LeakyRelu] -> Conv``
     chain of the main graph (``rounds`` sweeps, for longer chains); exact in
     float.  Returns the number of equalized pairs."""
-    overridable = overridable_names(model)
+    overridable = model.overridable
     pairs = _conv_pairs(model, overridable)
     if not pairs:
         return 0

@@ -15,8 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import Model
-from graphopt.rewrite import as_constant
-from passes.cleanup import STANDARD_DOMAINS, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant
 from passes.quantization.common import quantize_weight
 from passes.quantization.recovery import ConstantNames
 
@@ -28,7 +27,7 @@ def quantize_lstms(model: Model, allows, *, per_channel: bool, notes: list[str])
     """Rewrite every LSTM of the main graph whose W and R are constant float32
     into DynamicQuantizeLSTM; ``allows(node)`` is the pass's selection.
     Returns how many were rewritten; what is skipped gets a note."""
-    overridable = overridable_names(model)
+    overridable = model.overridable
     names = ConstantNames(model)
     done = 0
     for node in model.graph.nodes:

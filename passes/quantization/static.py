@@ -45,8 +45,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
-from graphopt.rewrite import as_constant, fresh_name, is_graph_input, is_graph_output
-from passes.cleanup import STANDARD_DOMAINS, default_opset, overridable_names
+from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, is_graph_input, is_graph_output
 from passes.quantization.common import (
     BINARY_OPS,
     DEFAULT_STATIC_OPS,
@@ -141,7 +140,7 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
             regex = re.compile(self.exclude_regex) if self.exclude_regex else None
         except re.error as exc:
             raise UsageError(f"pass '{self.name}': option 'exclude-regex' is not a valid regex ({exc})") from None
-        opset = default_opset(model)
+        opset = model.opset
         notes: list[str] = []
         if opset < 10:
             # QuantizeLinear arrived in opset 10: older models need the upgrade.
@@ -227,7 +226,7 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
     def _plan(self, model: Model, regex, per_channel: bool, extra: frozenset[str] = frozenset()) -> _Plan:
         graph = model.graph
         graph.toposort()
-        overridable = overridable_names(model)
+        overridable = model.overridable
         wanted = set(self.ops) - set(self.keep_float)
         tails = output_tails(graph) if self.float_tails else set()
         plan = _Plan()
@@ -326,7 +325,7 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
 
     def _plan_fusions(self, model: Model, plan: _Plan, regex) -> None:
         graph = model.graph
-        overridable = overridable_names(model)
+        overridable = model.overridable
         quantized = {id(n) for n in plan.nodes}
         for node in graph.nodes:
             if node.op not in ("Relu", "Clip") or node.domain not in STANDARD_DOMAINS or self._excluded(node, regex):
@@ -397,8 +396,8 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
     # ------------------------------------------------------------------------------
     def _apply(self, model: Model, plan: _Plan, ranges: dict[str, tuple[float, float]], per_channel: bool) -> dict:
         graph = model.graph
-        overridable = overridable_names(model)
-        builder = QDQBuilder(graph, opset=default_opset(model))
+        overridable = model.overridable
+        builder = QDQBuilder(graph, opset=model.opset)
         act_type = self.activation_type
 
         # 1. Relu/Clip absorbed into their producer: the producer writes their output.

@@ -33,7 +33,7 @@ from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import fresh_name
-from passes.cleanup import default_opset
+
 from passes.quantization.dynamic import MS_DOMAIN, SUPPORTED_OPS, Site, find_sites, make_selection
 
 BITS = (4, 8)
@@ -124,10 +124,10 @@ class QuantizeWeights(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex)
-        if self.format == "qdq" and default_opset(model) < 21:
+        if self.format == "qdq" and model.opset < 21:
             return PassResult(False, {"quantized": 0}, [
                 f"format=qdq needs opset >= 21 for blocked DequantizeLinear; the model has opset "
-                f"{default_opset(model)} (use format=matmulnbits)"])
+                f"{model.opset} (use format=matmulnbits)"])
         notes: list[str] = []
         sites = find_sites(model, selection, notes)
         names = {name for g in iter_graphs(model.graph) for name in g.tensors()}
