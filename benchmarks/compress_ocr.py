@@ -45,9 +45,12 @@ METRICS = {"rec": ["exact_match", "char_accuracy", "agreement", "char_agreement"
            "det": ["det_f1", "det_mean_iou", "agreement_f1", "agreement_mean_iou", "cos_mean"]}
 
 
-def compress(src: Path, dst: Path, calib: Path, spec: str, budget: float, threads: int, report: Path) -> dict:
+def compress(src: Path, dst: Path, calib: Path, spec: str, budget: float, threads: int, report: Path,
+             metrics: list[str] = ()) -> dict:
     cmd = [sys.executable, "-m", "graphopt.cli", "compress", str(src), "-o", str(dst), "--calib", str(calib),
            "--fidelity", spec, "--budget-minutes", str(budget), "--threads", str(threads), "--report", str(report)]
+    for m in metrics:
+        cmd += ["--metric", m]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -76,7 +79,7 @@ def run_model(name: str, src: Path, args, tmp: Path) -> dict:
     paths, rows = {"fp32": src}, {"fp32": {}}
     builders = {
         "graphopt_compress": lambda d: compress(src, d, calib_path, spec, args.budget_minutes, args.threads,
-                                                mdir / "report"),
+                                                mdir / "report", args.metric),
         "ort_static": lambda d: {"build_s": qvo.ort_static(src, d, calib, "minmax", mdir)},
         "ort_dynamic": lambda d: {"build_s": qvo.ort_dynamic(qvo._preprocessed(src, mdir), d, None)},
     }
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="ppocr_rec,ppocr_det")
     ap.add_argument("--fidelity", help="one spec for every model (default: rec top1>=0.99, det cosine>=0.99)")
+    ap.add_argument("--metric", action="append", default=[], metavar="NAME=FILE:FUNCTION",
+                    help="a task metric for graphopt compress (e.g. box_f1=benchmarks/det_box_f1.py:box_f1)")
     ap.add_argument("--budget-minutes", type=float, default=10.0)
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--det-calib-n", type=int, default=16)
