@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from graphopt.errors import ExitCode, GraphoptError, UsageError
+from graphopt.cli_args import (add_metric_argument, check_output_path, load_npz, parse_input_shapes,
+                               register_metrics)
 from graphopt.files import write_json_atomic
 
 
@@ -160,9 +162,9 @@ def cmd_opt(args: argparse.Namespace) -> int:
     if pipeline is None:
         pipeline = parse(DEFAULT_PIPELINE)
     output = Path(args.output)
-    _check_output_path(output, "-o")
+    check_output_path(output, "-o")
     if run_opts.get("report"):
-        _check_output_path(Path(run_opts["report"]), "--report")
+        check_output_path(Path(run_opts["report"]), "--report")
     tolerance = run_opts.get("tolerance")
     if tolerance is not None and not tolerance >= 0:
         raise UsageError(f"--tolerance must be >= 0, got {tolerance}")
@@ -364,14 +366,6 @@ _COMMANDS.update(_COMPRESS_COMMANDS)
 # ----------------------------------------------------------------------------------
 # Helpers shared by commands
 # ----------------------------------------------------------------------------------
-def _check_output_path(path: Path, flag: str) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: output folder '{parent}' does not exist")
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a folder")
-
-
 def _check_against_model(
     model: Any, output: Path, input_shapes: dict[str, Any], inputs: dict[str, Any] | None
 ) -> None:
@@ -427,21 +421,6 @@ def _calib_options(args: argparse.Namespace, run_opts: dict[str, Any]) -> dict[s
     return {"spec": str(spec), "preprocess": preprocess, "samples": samples}
 
 
-def add_metric_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metric", action="append", metavar="NAME=MODULE:FUNCTION",
-                        help="a task metric for fidelity specs, repeatable: NAME=module.path:function or "
-                             "NAME=path/to/file.py:function, called per held-out sample as "
-                             "function(reference, candidate, inputs) -> float, higher is better")
-
-
-def register_metrics(args: argparse.Namespace) -> None:
-    """Load every ``--metric`` so that fidelity specs (the run's and the passes')
-    can name them."""
-    from graphopt import metrics
-
-    metrics.register_options(getattr(args, "metric", None))
-
-
 def _fidelity_option(args: argparse.Namespace, run_opts: dict[str, Any], pipeline: Any,
                      calib: dict[str, Any] | None) -> None:
     """--fidelity (or ``fidelity`` under [run]): parsed now, needs --calib and a
@@ -460,34 +439,6 @@ def _fidelity_option(args: argparse.Namespace, run_opts: dict[str, Any], pipelin
         raise UsageError(f"--fidelity '{spec}': no pass in the pipeline takes a fidelity budget "
                          "(quantize-static, quantize-dynamic)")
     run_opts["fidelity"] = spec
-
-
-def parse_input_shapes(items: Sequence[str]) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for item in items:
-        name, sep, dims = item.rpartition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = [int(d) for d in dims.lower().split("x")] if dims else []
-            if any(d < 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--input-shape '{item}': expected NAME=DxDxD, e.g. input=1x3x224x224") from None
-        shapes[name] = shape
-    return shapes
-
-
-def load_npz(path: str, flag: str) -> dict[str, Any]:
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise UsageError(f"{flag} {path}: no such file") from None
-    except Exception as exc:
-        raise UsageError(f"{flag} {path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else exc})") from None
 
 
 def _version() -> str:

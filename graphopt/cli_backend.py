@@ -41,7 +41,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from backends import CompileOptions, compile_model
-    from graphopt.cli import parse_input_shapes
+    from graphopt.cli_args import parse_input_shapes
 
     if args.tune_db is not None:
         db = Path(args.tune_db)
@@ -72,12 +72,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from backends import load_runner
     from backends.artifact import time_runner
-    from graphopt.cli import _check_output_path, load_npz
+    from graphopt.cli_args import check_output_path, load_npz
 
     if args.repeat < 0:
         raise UsageError(f"--repeat must be >= 0, got {args.repeat}")
     if args.outputs:
-        _check_output_path(Path(args.outputs), "--outputs")
+        check_output_path(Path(args.outputs), "--outputs")
     inputs = load_npz(args.inputs, "--inputs")
     runner = load_runner(args.model)
     try:

@@ -23,7 +23,7 @@ from graphopt.logging_flags import json_summary, run_log
 
 def add_parsers(sub: Any) -> None:
     from graphopt import logging_flags
-    from graphopt.cli import add_metric_argument
+    from graphopt.cli_args import add_metric_argument
 
     p = sub.add_parser("compress", help="search compression pipelines that meet a fidelity target")
     p.add_argument("model", help="input .onnx model (never modified)")
@@ -63,13 +63,13 @@ def add_parsers(sub: Any) -> None:
 
 @json_summary
 def cmd_compress(args: argparse.Namespace) -> int:
-    from graphopt.cli import _check_output_path, parse_input_shapes, register_metrics
+    from graphopt.cli_args import check_output_path, parse_input_shapes, register_metrics
     from graphopt.compress import CompressOptions, compress
     from graphopt.calibration import check_spec
 
     register_metrics(args)
     output = Path(args.output)
-    _check_output_path(output, "-o")
+    check_output_path(output, "-o")
     if Path(args.model).resolve() == output.resolve():
         raise UsageError(f"-o {output}: same file as the input model")
     if not Path(args.model).is_file():
