@@ -37,6 +37,7 @@ from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, lacks_annotations, sole_consumer
 from passes.quantization.common import quantize_weight
+from passes.quantization.recovery import Smoothing, activation_stats, plan_smoothing, smooth_sites
 from passes.quantization.sensitivity import FidelityBudgetOptions
 from passes.shapes import annotate_shapes
 
@@ -174,17 +175,6 @@ def find_sites(model: Model, selection: Selection, notes: list[str]) -> list[Sit
 # ----------------------------------------------------------------------------------
 # Insertion
 # ----------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Smoothing:
-    """Per-input-channel pre-scale ``s`` [K] of one node: the weight becomes
-    ``diag(s) W`` before quantization; unless ``folded`` (the caller already
-    divided the activation by ``s`` upstream, e.g. in a LayerNorm's gamma),
-    an ``x * (1/s)`` Mul is inserted in front of the node."""
-
-    scale: np.ndarray
-    folded: bool = False
-
-
 @dataclasses.dataclass
 class DynamicConfig:
     per_channel: bool = False
@@ -469,7 +459,6 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         from passes.quantization import sensitivity as sens
-        from passes.quantization.recovery import smooth_sites
 
         selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex,
                                    supported=DYNAMIC_OPS)
@@ -553,7 +542,6 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         from graphopt import runtime
         from graphopt.console import progress
         from passes.quantization import sensitivity as sens
-        from passes.quantization.recovery import plan_smoothing
 
         fit, judge = budget.calib.split(0.5, ctx.seed + 1) if len(budget.calib) >= 2 else (budget.calib,) * 2
         judge = list(judge)
@@ -619,7 +607,6 @@ def _name_sites(model: Model, sites: list[Site]) -> None:
 
 
 def _activation_stats(model: Model, sites: list[Site], data):
-    from passes.quantization.recovery import activation_stats
 
     return activation_stats(model, sites, data)
 

@@ -32,6 +32,7 @@ weights are never changed for their other readers.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -100,6 +101,17 @@ class ConstantNames:
         return gs.Constant(fresh_name(self.taken, base), np.array(values, order="C"))
 
 
+@dataclasses.dataclass
+class Smoothing:
+    """Per-input-channel pre-scale ``s`` [K] of one node: the weight becomes
+    ``diag(s) W`` before quantization; unless ``folded`` (the caller already
+    divided the activation by ``s`` upstream, e.g. in a LayerNorm's gamma),
+    an ``x * (1/s)`` Mul is inserted in front of the node."""
+
+    scale: np.ndarray
+    folded: bool = False
+
+
 def _f32_const(t: gs.Tensor, overridable) -> gs.Constant | None:
     c = as_constant(t, overridable)
     if c is None or c.dtype is None or np.dtype(c.dtype) != _F32:
@@ -138,8 +150,6 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
     the weights (``quantize_dynamic`` does).  ``1/s`` goes into the columns of
     another site's weight only when weights are quantized ``per_channel``
     (per-column scales make that exact; one per-tensor scale would not be)."""
-    from passes.quantization.dynamic import Smoothing
-
     notes = notes if notes is not None else []
     keep = set(keep_float)
     existing = dict(existing or {})
