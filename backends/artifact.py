@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from backends.base import Artifact, CompileOptions, Runner, TensorSpec
+from backends.base import input_specs  # noqa: F401  (its home is base; importable here as the README once showed)
 from graphopt.calibration import check_input_shapes
 from graphopt.errors import ModelError, UsageError, first_line
 
@@ -135,39 +136,6 @@ def check_output_folder(out: Path, model_path: Path | None = None) -> None:
             raise UsageError(f"-o {out}: folder is not empty and is not a graphopt artifact; refusing to replace it")
         if model_path is not None and out.resolve() in model_path.resolve().parents:
             raise UsageError(f"-o {out}: the input model is inside this folder; refusing to replace it")
-
-
-def input_specs(model: Any, input_shapes: Mapping[str, list[int]], *, static: bool) -> list[TensorSpec]:
-    """Specs of the graph inputs with pinned dims applied; with ``static``, a
-    dim still unknown is a UsageError that says which --input-shape to give."""
-    specs = []
-    for t in model.graph.inputs:
-        dtype = dtype_name(t.dtype)
-        shape = input_shapes.get(t.name)
-        if shape is None and t.shape is not None:
-            shape = [d if isinstance(d, int) and d >= 0 else str(d) for d in t.shape]
-        spec = TensorSpec(t.name, None if shape is None else tuple(shape), dtype)
-        if static and not spec.is_static():
-            shown = "x".join("?" if not isinstance(d, int) else str(d) for d in spec.shape or ()) or "unknown rank"
-            raise UsageError(f"input '{t.name}' has a dynamic shape ({shown}); pin it with "
-                             f"--input-shape {t.name}=DxDx...")
-        specs.append(spec)
-    return specs
-
-
-def dtype_name(dtype: Any) -> str:
-    """numpy name of a gs/onnx element type ("float32"), else its text."""
-    if isinstance(dtype, int):
-        import onnx
-
-        try:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).name
-        except Exception:
-            return str(onnx.TensorProto.DataType.Name(dtype)).lower()
-    try:
-        return np.dtype(dtype).name
-    except TypeError:
-        return str(dtype)
 
 
 def sha256(path: Path) -> str:

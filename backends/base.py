@@ -201,3 +201,36 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, artifact: Artifact) -> Runner:
         """A runner for an artifact this backend compiled."""
+
+
+def input_specs(model: Any, input_shapes: Mapping[str, list[int]], *, static: bool) -> list[TensorSpec]:
+    """Specs of the graph inputs with pinned dims applied; with ``static``, a
+    dim still unknown is a UsageError that says which --input-shape to give."""
+    specs = []
+    for t in model.graph.inputs:
+        dtype = dtype_name(t.dtype)
+        shape = input_shapes.get(t.name)
+        if shape is None and t.shape is not None:
+            shape = [d if isinstance(d, int) and d >= 0 else str(d) for d in t.shape]
+        spec = TensorSpec(t.name, None if shape is None else tuple(shape), dtype)
+        if static and not spec.is_static():
+            shown = "x".join("?" if not isinstance(d, int) else str(d) for d in spec.shape or ()) or "unknown rank"
+            raise UsageError(f"input '{t.name}' has a dynamic shape ({shown}); pin it with "
+                             f"--input-shape {t.name}=DxDx...")
+        specs.append(spec)
+    return specs
+
+
+def dtype_name(dtype: Any) -> str:
+    """numpy name of a gs/onnx element type ("float32"), else its text."""
+    if isinstance(dtype, int):
+        import onnx
+
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).name
+        except Exception:
+            return str(onnx.TensorProto.DataType.Name(dtype)).lower()
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)

@@ -7,6 +7,7 @@ plug-in that fails to load is reported by :func:`plugin_errors`, never fatal.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from typing import Callable, TypeVar
 
@@ -16,6 +17,7 @@ from graphopt.pass_base import _suggest
 from graphopt.registry import entry_points, load_entry_points
 
 ENTRY_POINT_GROUP = "graphopt.backends"
+BUILTIN_MODULES = ("backends.onnxruntime", "backends.tvm")  # pyproject.toml's entry points for the built-ins
 
 _BACKENDS: dict[str, type[Backend]] = {}
 _loaded = False
@@ -42,12 +44,16 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    # Built-ins register themselves; neither imports onnxruntime or TVM until used.
-    import backends.onnxruntime  # noqa: F401
-    import backends.tvm  # noqa: F401
-
+    # The built-in backends come through the project's own entry points, like
+    # plug-ins, and first; neither imports onnxruntime or TVM until used.  A
+    # source tree used without `pip install` has no entry points: import them by name.
+    eps = _entry_points()
+    builtin = [ep for ep in eps if ep.value in BUILTIN_MODULES]
+    if not builtin:
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
     load_entry_points(
-        _entry_points(),
+        builtin + [ep for ep in eps if ep.value not in BUILTIN_MODULES],
         accept=lambda obj: isinstance(obj, type) and issubclass(obj, Backend) and obj not in _BACKENDS.values(),
         register=lambda obj, ep_name: register_backend(obj.name or ep_name)(obj),
         errors=_plugin_errors,

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.artifact import input_specs
-from backends.base import Artifact, Backend, CompileError, CompileOptions, CompileResult, Runner, RunError, TensorSpec
+from backends.base import (Artifact, Backend, CompileError, CompileOptions, CompileResult, Runner, RunError,
+                           TensorSpec, input_specs)
 from backends.registry import register_backend
 from backends.tvm import targets as _targets
 from graphopt.errors import UsageError, first_line
