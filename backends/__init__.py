@@ -8,8 +8,8 @@ with :func:`register_backend` or the ``graphopt.backends`` entry-point group.
 """
 from __future__ import annotations
 
-from backends.artifact import compile_model, load_runner, read_artifact
-from backends.base import (
+from graphopt.backends.artifact import compile_model, load_runner, read_artifact
+from graphopt.backends.base import (
     Artifact,
     Backend,
     CompileError,
@@ -19,7 +19,7 @@ from backends.base import (
     RunError,
     TensorSpec,
 )
-from backends.registry import backends, get_backend, plugin_errors, register_backend
+from graphopt.backends.registry import backends, get_backend, plugin_errors, register_backend
 
 __all__ = [
     "Artifact", "Backend", "CompileError", "CompileOptions", "CompileResult", "Runner", "RunError", "TensorSpec",

@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from backends.base import Artifact, CompileOptions, Runner, TensorSpec
-from backends.base import input_specs  # noqa: F401  (its home is base; importable here as the README once showed)
+from graphopt.backends.base import Artifact, CompileOptions, Runner, TensorSpec
+from graphopt.backends.base import input_specs  # noqa: F401  (its home is base; importable here as the README once showed)
 from graphopt.calibration import check_input_shapes
 from graphopt.errors import ModelError, UsageError, first_line
 
@@ -44,7 +44,7 @@ def compile_model(
     first; an existing artifact at ``out`` is replaced only once the new one
     is complete.
     """
-    from backends.registry import get_backend
+    from graphopt.backends.registry import get_backend
     from graphopt import __version__
     from graphopt.files import umask
     from graphopt.ir import load
@@ -95,7 +95,7 @@ def load_runner(path: str | os.PathLike) -> Runner:
     path = Path(path)
     if path.is_dir():
         artifact = read_artifact(path)
-        from backends.registry import get_backend
+        from graphopt.backends.registry import get_backend
 
         try:
             be = get_backend(str(artifact.manifest.get("backend")))
@@ -105,7 +105,7 @@ def load_runner(path: str | os.PathLike) -> Runner:
         return be.load(artifact)
     if not path.exists():
         raise ModelError(f"{path}: no such file or artifact folder")
-    from backends.onnxruntime import model_runner
+    from graphopt.backends.onnxruntime import model_runner
 
     return model_runner(path)
 

@@ -6,7 +6,7 @@ presets it knows, how a target name is checked (before any work, so a typo is a
 one-line usage error), ``compile`` that writes its files into a fresh folder,
 and ``load`` that returns a :class:`Runner`.  Everything shared by all
 backends (the atomic artifact folder, manifest.json, input checks, timing)
-lives in :mod:`backends.artifact`, so a new backend stays small.
+lives in :mod:`graphopt.backends.artifact`, so a new backend stays small.
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ class Backend(abc.ABC):
     """A compiler for one family of targets.
 
     Subclass it, set ``name`` (or register it with
-    ``@backends.register_backend("name")``), and implement ``targets``,
+    ``@graphopt.backends.register_backend("name")``), and implement ``targets``,
     ``compile`` and ``load``.  ``resolve_target`` must raise UsageError for a
     target the backend does not know, without importing anything heavy.
     """

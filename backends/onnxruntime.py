@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import (Artifact, Backend, CompileError, CompileOptions, CompileResult, Runner, RunError,
+from graphopt.backends.base import (Artifact, Backend, CompileError, CompileOptions, CompileResult, Runner, RunError,
                            TensorSpec, input_specs)
-from backends.registry import register_backend
+from graphopt.backends.registry import register_backend
 from graphopt.errors import UsageError, first_line
 
 # Target preset -> execution providers, most preferred first.

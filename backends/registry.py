@@ -11,13 +11,13 @@ import importlib
 import importlib.metadata
 from typing import Callable, TypeVar
 
-from backends.base import Backend
+from graphopt.backends.base import Backend
 from graphopt.errors import UsageError
 from graphopt.pass_base import _suggest
 from graphopt.registry import entry_points, load_entry_points
 
 ENTRY_POINT_GROUP = "graphopt.backends"
-BUILTIN_MODULES = ("backends.onnxruntime", "backends.tvm")  # pyproject.toml's entry points for the built-ins
+BUILTIN_MODULES = ("graphopt.backends.onnxruntime", "graphopt.backends.tvm")  # pyproject.toml's entry points for the built-ins
 
 _BACKENDS: dict[str, type[Backend]] = {}
 _loaded = False

@@ -46,8 +46,8 @@ def interleaved(runners: dict, feed: dict, runs: int, warmup: int) -> dict[str, 
 
 
 # ``--tvm-default-pipeline``: build with TVM's own default pipeline instead of
-# backends.tvm.schedule (the compile path without graphopt's schedules).
-_DEFAULT_PIPELINE = ("import sys, backends.tvm as b; b._schedule = lambda: None; "
+# graphopt.backends.tvm.schedule (the compile path without graphopt's schedules).
+_DEFAULT_PIPELINE = ("import sys, graphopt.backends.tvm as b; b._schedule = lambda: None; "
                      "from graphopt.cli import main; sys.exit(main())")
 
 
@@ -78,10 +78,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per compile")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--tvm-default-pipeline", action="store_true",
-                    help="build with TVM's default pipeline, not backends.tvm.schedule (untuned loop nests on CPU)")
+                    help="build with TVM's default pipeline, not graphopt.backends.tvm.schedule (untuned loop nests on CPU)")
     args = ap.parse_args()
 
-    from backends import load_runner
+    from graphopt.backends import load_runner
     from graphopt.runtime import relative_error
 
     rows = []

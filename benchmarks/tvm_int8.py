@@ -6,10 +6,10 @@ Per model:
   ``quantize_vs_ort.randomize_light``), imported with the Relax ONNX frontend;
 * int8: the same model through ``-p quantize-static --calib random:16`` (QDQ,
   per-channel int8 weights, uint8 activations), imported, then
-  ``backends.tvm.int8.lower_qdq``;
+  ``graphopt.backends.tvm.int8.lower_qdq``;
 * both built the same way for the host llvm target
-  (``backends.tvm.targets.host_llvm``: the host CPU name and features):
-  ``backends.tvm.schedule.build`` (default drawn schedules, no tuning unless
+  (``graphopt.backends.tvm.targets.host_llvm``: the host CPU name and features):
+  ``graphopt.backends.tvm.schedule.build`` (default drawn schedules, no tuning unless
   ``--tune-trials``) when a probe build in a child process succeeds, else
   plain ``tvm.compile`` (unscheduled kernels; ``--build`` forces either).
 
@@ -81,8 +81,8 @@ def import_relax(path: Path, shapes: dict[str, list[int]]):
 _PROBE = """
 import tvm
 from tvm import relax
-from backends.tvm import schedule
-from backends.tvm.targets import host_llvm
+from graphopt.backends.tvm import schedule
+from graphopt.backends.tvm.targets import host_llvm
 bb = relax.BlockBuilder()
 x = relax.Var("x", relax.TensorType((4, 4), "float32"))
 with bb.function("main", [x]):
@@ -94,11 +94,11 @@ schedule.build(bb.get(), tvm.target.Target(host_llvm()), progress=False)
 
 
 def build_path() -> str:
-    """``schedule`` when backends.tvm.schedule.build works here (probed in a
+    """``schedule`` when graphopt.backends.tvm.schedule.build works here (probed in a
     child process: a crash there must not end the benchmark), else ``compile``
     (plain ``tvm.compile``: unscheduled kernels)."""
     try:
-        from backends.tvm import schedule  # noqa: F401
+        from graphopt.backends.tvm import schedule  # noqa: F401
     except ImportError:
         return "compile"
     probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, timeout=600)
@@ -109,7 +109,7 @@ def build(mod, target, tune_trials: int, path: str):
     import tvm
 
     if path == "schedule":
-        from backends.tvm import schedule
+        from graphopt.backends.tvm import schedule
 
         return schedule.build(mod, target, tune_trials=tune_trials, progress=False)
     return tvm.compile(mod, target)
@@ -181,8 +181,8 @@ def run_model(name: str, path: Path, args, tmp: Path) -> dict:
     import tvm
     from tvm import relax
 
-    from backends.tvm.int8 import lower_qdq
-    from backends.tvm.targets import host_llvm
+    from graphopt.backends.tvm.int8 import lower_qdq
+    from graphopt.backends.tvm.targets import host_llvm
 
     target = tvm.target.Target(host_llvm())
     fp32, qdq = prepare(name, path, tmp)
@@ -214,7 +214,7 @@ def run_model(name: str, path: Path, args, tmp: Path) -> dict:
     return {
         "model": name,
         "target": str(target.export().get("mcpu", "")),
-        "build": {"schedule": "backends.tvm.schedule.build", "compile": "tvm.compile (unscheduled kernels)"}[args.build],
+        "build": {"schedule": "graphopt.backends.tvm.schedule.build", "compile": "tvm.compile (unscheduled kernels)"}[args.build],
         "lower_qdq": stats,
         "fidelity_vs_onnxruntime": fidelity,
         "build_s": {"fp32": round(t2 - t1, 1), "int8": round(t3 - t2, 1), "import": round(t1 - t0, 1)},

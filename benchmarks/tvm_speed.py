@@ -7,7 +7,7 @@
 Measured as users run it: each model is compiled with
 ``graphopt compile MODEL --target x86_64 -o DIR`` in a subprocess (its wall
 time is the compile time), the artifact folder is loaded as ``graphopt run``
-loads it (``backends.artifact.load_runner``), and onnxruntime runs the same
+loads it (``graphopt.backends.artifact.load_runner``), and onnxruntime runs the same
 file with all graph optimizations and spinning off.  With ``--tune-minutes
 M`` a second artifact is built after a template search of M minutes per
 model (``graphopt compile --tune-minutes M``), with ``--trials N`` after N
@@ -81,7 +81,7 @@ def compile_artifact(path: Path, name: str, out: Path, extra: list[str], target:
 
 
 def artifact_runner(folder: Path, feed: dict[str, np.ndarray]):
-    from backends.artifact import load_runner
+    from graphopt.backends.artifact import load_runner
 
     runner = load_runner(folder)
     arrays = runner.check_feeds(feed)

@@ -162,7 +162,7 @@ def code_fingerprint(modules: tuple[str, ...] = ()) -> str:
     if modules in _CODE_CACHE:
         return _CODE_CACHE[modules]
     import graphopt
-    import passes as builtin_passes
+    import graphopt.passes as builtin_passes
 
     h = hashlib.sha256()
     roots = [Path(graphopt.__file__).parent, Path(builtin_passes.__file__).parent]

@@ -339,7 +339,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summary = summarize(model, parse_input_shapes(args.input_shape))
     groups = None
     if getattr(args, "groups", False):
-        from passes.pruning.groups import analyze, group_dict
+        from graphopt.passes.pruning.groups import analyze, group_dict
 
         groups = analyze(model).groups()
         summary["channel_groups"] = [group_dict(g) for g in groups]
@@ -348,7 +348,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary, per_node=args.per_node))
         if groups is not None:
-            from passes.pruning.groups import format_groups
+            from graphopt.passes.pruning.groups import format_groups
 
             print(format_groups(groups))
     return 0

@@ -40,7 +40,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from backends import CompileOptions, compile_model
+    from graphopt.backends import CompileOptions, compile_model
     from graphopt.cli_args import parse_input_shapes
 
     if args.tune_db is not None:
@@ -70,8 +70,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from backends import load_runner
-    from backends.artifact import time_runner
+    from graphopt.backends import load_runner
+    from graphopt.backends.artifact import time_runner
     from graphopt.cli_args import check_output_path, load_npz
 
     if args.repeat < 0:

@@ -184,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------
 def _check_backend(backend: str, target: str) -> None:
     try:
-        from backends import get_backend
+        from graphopt.backends import get_backend
     except ImportError:
         return  # said after the search, in the report
     get_backend(backend).resolve_target(target)
@@ -196,7 +196,7 @@ def _compile(output: Path, args, options, display: "_Display") -> dict[str, Any]
     import subprocess
 
     try:
-        import backends  # noqa: F401
+        from graphopt import backends  # noqa: F401
     except ImportError as exc:
         display.line(f"graphopt: --target {args.target}: no backend package ({exc}); compiled nothing")
         return {"backend": args.backend, "target": args.target, "ok": False, "error": f"no backend package: {exc}"}

@@ -15,7 +15,7 @@ from graphopt.errors import UsageError
 from graphopt.pass_base import Pass, _suggest
 
 ENTRY_POINT_GROUP = "graphopt.passes"
-BUILTIN_ENTRY_POINT, BUILTIN_MODULE = "builtin", "passes"  # pyproject.toml's entry point for the built-in passes
+BUILTIN_ENTRY_POINT, BUILTIN_MODULE = "builtin", "graphopt.passes"  # pyproject.toml's entry point for the built-in passes
 
 _PASSES: dict[str, type[Pass]] = {}
 _PIPELINES: dict[str, tuple[str, str]] = {}  # name -> (pipeline text, doc)

@@ -1,7 +1,7 @@
 """Built-in passes, one module per family.  Importing this package registers them."""
 from graphopt.registry import register_pipeline
 
-from passes import cleanup, folding, fusion, pruning, quantization, shapes, sharing, sparsity  # noqa: F401
+from graphopt.passes import cleanup, folding, fusion, pruning, quantization, shapes, sharing, sparsity  # noqa: F401
 
 register_pipeline(
     "simplify",

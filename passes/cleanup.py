@@ -16,7 +16,7 @@ from graphopt.registry import register_pass
 from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_input, is_graph_output, lacks_annotations,
                               replace_all_uses, static_shape)
 from graphopt.stats import graph_stats
-from passes.shapes import annotate_shapes
+from graphopt.passes.shapes import annotate_shapes
 
 # Ops whose outputs differ between two calls with the same inputs: merging
 # two of them would correlate values the model wants independent.

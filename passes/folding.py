@@ -736,7 +736,7 @@ def _constant_values(value: np.ndarray) -> Any:
 def _annotate(model: Model) -> None:
     """Shape inference for the size checks; a model it cannot handle keeps its
     annotations (folding then only gets more conservative)."""
-    from passes.shapes import annotate_shapes
+    from graphopt.passes.shapes import annotate_shapes
 
     try:
         annotate_shapes(model)

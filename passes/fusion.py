@@ -16,7 +16,7 @@ from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, lacks_annotations, sole_consumer
-from passes.shapes import annotate_shapes
+from graphopt.passes.shapes import annotate_shapes
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 

@@ -38,7 +38,7 @@ from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import fresh_name, is_graph_output, remove_nodes
 
-from passes.sparsity import WEIGHT_OPS, WeightSite, check_ops, find_weight_sites
+from graphopt.passes.sparsity import WEIGHT_OPS, WeightSite, check_ops, find_weight_sites
 
 
 # ----------------------------------------------------------------------------------

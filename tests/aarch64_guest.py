@@ -125,7 +125,7 @@ def find_qemu() -> str | None:
 def ensure_tools() -> str:
     """qemu-aarch64's path; qemu-user and debootstrap installed when missing, and the
     GNU cross compiler only when no linker for aarch64 (zig from the ziglang wheel) is there."""
-    from backends.tvm.targets import find_linker
+    from graphopt.backends.tvm.targets import find_linker
 
     missing = ["debootstrap"] if shutil.which("debootstrap") is None else []
     if find_linker("aarch64") is None:

@@ -58,7 +58,7 @@ def aarch64_artifact(tmp_path_factory):
     qemu = guest.find_qemu()
     if qemu is None:
         pytest.skip("qemu-aarch64 not installed (Debian: apt-get install qemu-user)")
-    from backends.tvm.targets import find_linker, missing_linker
+    from graphopt.backends.tvm.targets import find_linker, missing_linker
 
     if find_linker("aarch64") is None:
         pytest.skip(missing_linker("aarch64"))
@@ -120,7 +120,7 @@ def test_int8_qdq_model_runs_on_sdot_under_qemu(tmp_path):
     qemu, root = guest.find_qemu(), guest.root_ready()[0]
     if qemu is None or root is None:
         pytest.skip(guest.root_ready()[1] or "qemu-aarch64 not installed (Debian: apt-get install qemu-user)")
-    from backends.tvm.targets import find_linker, missing_linker
+    from graphopt.backends.tvm.targets import find_linker, missing_linker
 
     if find_linker("aarch64") is None:
         pytest.skip(missing_linker("aarch64"))

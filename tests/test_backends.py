@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import helper
 
-import backends
-from backends import registry
-from backends.base import CompileOptions
+from graphopt import backends
+from graphopt.backends import registry
+from graphopt.backends.base import CompileOptions
 from graphopt import runtime
 from graphopt.errors import ExitCode, ModelError, UsageError
 
@@ -67,8 +67,8 @@ def fresh_registry(monkeypatch):
         monkeypatch.setattr(registry, "_plugin_errors", [])
         monkeypatch.setattr(registry, "_entry_points", lambda: list(entry_points))
         # Built-ins register on first import; re-register the classes already imported.
-        from backends.onnxruntime import OnnxRuntimeBackend
-        from backends.tvm import TVMBackend
+        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+        from graphopt.backends.tvm import TVMBackend
 
         registry._BACKENDS.update(onnxruntime=OnnxRuntimeBackend, tvm=TVMBackend)
 
@@ -165,7 +165,7 @@ def test_existing_artifact_is_replaced_and_other_folders_are_not(gemm_file, tmp_
 
 
 def test_failed_compile_leaves_nothing(gemm_file, tmp_path, monkeypatch):
-    from backends.onnxruntime import OnnxRuntimeBackend
+    from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 
     def boom(self, model, target, options, folder):
         (folder / "partial.bin").write_bytes(b"x")

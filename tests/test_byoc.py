@@ -1,4 +1,4 @@
-"""backends.tvm.byoc.partition with the reference accelerator (backends.refaccel):
+"""graphopt.backends.tvm.byoc.partition with the reference accelerator (graphopt.backends.refaccel):
 the claimed ops, the stats, and numbers equal to onnxruntime's, with the
 claimed parts running as the plug-in's generated C."""
 from __future__ import annotations
@@ -14,9 +14,9 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from backends.refaccel import ACCELERATOR  # noqa: E402
-from backends.refaccel.codegen import generate  # noqa: E402
-from backends.tvm.byoc import partition  # noqa: E402
+from graphopt.backends.refaccel import ACCELERATOR  # noqa: E402
+from graphopt.backends.refaccel.codegen import generate  # noqa: E402
+from graphopt.backends.tvm.byoc import partition  # noqa: E402
 
 F = np.float32
 
@@ -128,7 +128,7 @@ def test_grouped_conv_without_bias_and_a_lone_relu():
 
 def test_integer_kernels_stay_on_host():
     """refaccel runs float32 only: int8 kernels from lower_qdq are not claimed."""
-    from backends.tvm.int8 import lower_qdq
+    from graphopt.backends.tvm.int8 import lower_qdq
     from graphopt.calibration import open_reader
     from graphopt.context import PassContext
 
@@ -144,8 +144,8 @@ def test_integer_kernels_stay_on_host():
 
 
 def test_codegen_failure_is_one_line_compile_error():
-    from backends.base import CompileError
-    from backends.tvm.byoc import Accelerator
+    from graphopt.backends.base import CompileError
+    from graphopt.backends.tvm.byoc import Accelerator
 
     def broken(functions, options=None, constant_names=None):
         raise ValueError("no kernel for this shape")

@@ -12,8 +12,8 @@ import pytest
 from onnx import helper
 
 from graphopt.ir import Model
-from passes.quantization import channel_scale
-from passes.shapes import annotate_shapes
+from graphopt.passes.quantization import channel_scale
+from graphopt.passes.shapes import annotate_shapes
 
 from conftest import make_model, ort_run, vi
 from test_quantize_dynamic import bert_block

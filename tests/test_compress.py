@@ -331,7 +331,7 @@ def test_measure_latency_ranks_a_costlier_model_slower(mlp_path):
 def test_conv_model_with_pruning_and_compile(tmp_path):
     """tiny_resnet: a structured-pruning candidate changes the per-layer table;
     --target compiles the result through the backend registry."""
-    pytest.importorskip("backends")
+    pytest.importorskip("graphopt.backends")
     cands = ["prune-channels{ratio=0.25,reconstruct=false}",
              "prune-channels{ratio=0.25,reconstruct=false},quantize-static"]
     if "prune-channels" not in registry.passes():

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from conftest import LIGHT_MODELS, apply, assert_same_outputs, make_model, op_types, ort_run, vi
 from graphopt.errors import UsageError
-from passes.quantization.fp16 import probe_cpu_fallbacks
+from graphopt.passes.quantization.fp16 import probe_cpu_fallbacks
 from test_quantize_dynamic import bert_block, mlp
 
 F = np.float32

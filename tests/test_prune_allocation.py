@@ -12,7 +12,7 @@ from graphopt.calibration import open_reader
 from graphopt.context import PassContext
 from graphopt.errors import UsageError
 from graphopt.ir import Model
-from passes.pruning.allocation import _hull, allocate
+from graphopt.passes.pruning.allocation import _hull, allocate
 from test_pruning_groups import conv, init_shapes
 
 F = np.float32
@@ -193,7 +193,7 @@ def test_refitted_weights_have_no_subnormals():
     PP-OCRv4 rec convolution ran 40x slower), so every pruning write flushes them."""
     import onnx_graphsurgeon as gs
 
-    from passes.pruning.groups import flush_subnormals, replace_constant_input
+    from graphopt.passes.pruning.groups import flush_subnormals, replace_constant_input
 
     tiny = np.finfo(np.float32).tiny
     values = np.array([1.0, tiny / 4, -tiny / 8, 0.0, -2.5, tiny], np.float32)
@@ -244,7 +244,7 @@ def test_allocate_by_cost_ranks_error_per_unit_saved():
     """Group 1 costs more error per channel but saves ten times the MACs per
     channel: with a MAC budget it goes first; a segment the budget reaches
     into is taken whole (only measured counts are used)."""
-    from passes.pruning.allocation import allocate_by_cost
+    from graphopt.passes.pruning.allocation import allocate_by_cost
 
     curves = {0: [(0, 0.0), (4, 0.04), (8, 0.08)], 1: [(0, 0.0), (4, 0.08), (8, 0.16)]}
     costs = {0: {4: 40, 8: 80}, 1: {4: 400, 8: 800}}

@@ -346,7 +346,7 @@ def test_im2col_rows_reproduce_onnxruntime_conv(attrs):
 
     from graphopt import runtime
     from graphopt.ir import Model
-    from passes.pruning.recovery import im2col
+    from graphopt.passes.pruning.recovery import im2col
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)

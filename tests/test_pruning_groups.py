@@ -18,7 +18,7 @@ from conftest import make_model, ort_run, random_feeds, vi
 from graphopt import runtime
 from graphopt.ir import Model
 from graphopt.rewrite import as_constant
-from passes.pruning.groups import analyze, channel_groups, format_groups
+from graphopt.passes.pruning.groups import analyze, channel_groups, format_groups
 
 F = np.float32
 
@@ -49,7 +49,7 @@ def zero_and_prune(proto: onnx.ModelProto, fraction: float = 0.4, seed: int = 0,
         const.values = values
     reference = model.to_proto()
     analysis.apply(keep)
-    from passes.pruning.channels import _refresh_shapes
+    from graphopt.passes.pruning.channels import _refresh_shapes
 
     _refresh_shapes(model)
     pruned = model.to_proto()

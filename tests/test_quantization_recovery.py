@@ -86,8 +86,8 @@ def _feeds(seed: int = 7, seq: int = 16, hidden: int = 64):
 def test_smoothing_folding_is_exact_in_float():
     """Folding 1/s into LayerNorm/Mul and diag(s) into the weights, without
     quantizing, computes the same function."""
-    from passes.quantization.dynamic import find_sites, make_selection
-    from passes.quantization.recovery import apply_smoothing_float, plan_smoothing
+    from graphopt.passes.quantization.dynamic import find_sites, make_selection
+    from graphopt.passes.quantization.recovery import apply_smoothing_float, plan_smoothing
 
     proto = pre_ln_block()
     for unfolded in (False, True):
@@ -147,7 +147,7 @@ def test_smoothing_skips_unfoldable_and_inserts_mul_on_request():
 
 def test_smoothing_with_kept_float_consumer_stays_exact():
     """A site kept in float whose input had 1/s folded upstream gets diag(s) W."""
-    from passes.quantization.dynamic import SCRATCH_KEY
+    from graphopt.passes.quantization.dynamic import SCRATCH_KEY
 
     proto = pre_ln_block()
     ctx = _ctx(proto)
@@ -219,7 +219,7 @@ def test_bias_correction_reduces_mean_error():
 
 
 def test_bias_correction_keeps_existing_bias_and_matmul_add():
-    from passes.quantization.recovery import correct_biases
+    from graphopt.passes.quantization.recovery import correct_biases
 
     rng = np.random.default_rng(1)
     inits = {"w": rng.standard_normal((16, 8)).astype(F), "b": rng.standard_normal(8).astype(F)}
@@ -241,7 +241,7 @@ def test_bias_correction_keeps_existing_bias_and_matmul_add():
 # cross-layer equalization
 # ==================================================================================
 def test_equalization_is_exact_and_equalizes_ranges():
-    from passes.quantization.recovery import equalize_conv_pairs
+    from graphopt.passes.quantization.recovery import equalize_conv_pairs
 
     proto = _cnn(with_bias=True)
     model = Model.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))

@@ -265,7 +265,7 @@ def test_bias_add_not_absorbed_when_observed():
 def test_keep_float_and_smoothing_hooks():
     """What later work (SmoothQuant, a fidelity budget) builds on: nodes kept
     in float and per-input-channel pre-scales, handed over in ctx.scratch."""
-    from passes.quantization.dynamic import SCRATCH_KEY, Smoothing
+    from graphopt.passes.quantization.dynamic import SCRATCH_KEY, Smoothing
 
     proto = mlp()
     s = np.linspace(0.5, 2.0, 64).astype(F)

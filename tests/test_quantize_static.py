@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 from conftest import apply, make_model, ort_run, vi
 from graphopt.calibration import open_reader
 from graphopt.context import PassContext
-from passes.quantization.common import (
+from graphopt.passes.quantization.common import (
     compute_scale_zero_point,
     dequantize_array,
     quantize_bias,

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from conftest import apply, make_model, op_types, ort_run, vi
 from graphopt.errors import UsageError
-from passes.quantization.weights import block_dequantize, block_quantize, pack_rows
+from graphopt.passes.quantization.weights import block_dequantize, block_quantize, pack_rows
 
 F = np.float32
 

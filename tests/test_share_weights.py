@@ -11,7 +11,7 @@ from graphopt import runtime
 from graphopt.context import PassContext
 from graphopt.errors import UsageError
 from graphopt.pipeline import parse as parse_pipeline
-from passes.sharing import kmeans_rows, pack_bits
+from graphopt.passes.sharing import kmeans_rows, pack_bits
 
 F = np.float32
 

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import helper
 
-import backends
-from backends import CompileError, CompileOptions
-from backends.tvm import targets
+from graphopt import backends
+from graphopt.backends import CompileError, CompileOptions
+from graphopt.backends.tvm import targets
 from graphopt import runtime
 from graphopt.errors import UsageError
 
@@ -287,7 +287,7 @@ def test_sum_of_three_compiles_as_chained_adds(tmp_path):
     nodes = [helper.make_node("Sum", ["x", "b", "c"], ["y"], name="sum")]
     inits = {"b": RNG.standard_normal((1, 4, 1, 1)).astype(np.float32), "c": RNG.standard_normal(3).astype(np.float32)}
     proto = make_model(nodes, [vi("x", [2, 4, 5, 3])], [vi("y", [2, 4, 5, 3])], inits)
-    from backends.tvm import frontend
+    from graphopt.backends.tvm import frontend
     from graphopt.ir import Model
 
     lowered = frontend.prepare(Model.from_proto(proto), [backends.TensorSpec("x", (2, 4, 5, 3), "float32")])

@@ -12,10 +12,10 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from backends.tvm import schedule  # noqa: E402
-from backends.tvm.cpu import conv2d, layout, matmul  # noqa: E402
-from backends.tvm.cpu.target import vector_lanes  # noqa: E402
-from backends.tvm.targets import host_llvm  # noqa: E402
+from graphopt.backends.tvm import schedule  # noqa: E402
+from graphopt.backends.tvm.cpu import conv2d, layout, matmul  # noqa: E402
+from graphopt.backends.tvm.cpu.target import vector_lanes  # noqa: E402
+from graphopt.backends.tvm.targets import host_llvm  # noqa: E402
 
 F = np.float32
 
@@ -256,7 +256,7 @@ def test_matmul_columns_that_are_not_whole_vectors_are_padded(columns):
 def test_only_kernels_worth_a_wake_up_run_in_parallel():
     """Waking sleeping workers costs tens of microseconds: a 1x1 convolution
     of a 56x56x64 map is spread over the cores, the same on 7x7 is not."""
-    from backends.tvm.cpu.target import parallel_worthwhile
+    from graphopt.backends.tvm.cpu.target import parallel_worthwhile
 
     two = schedule._normalized_target(tvm.target.Target({**host_llvm(), "num-cores": 2}))
     one = schedule._normalized_target(tvm.target.Target({**host_llvm(), "num-cores": 1}))
@@ -320,7 +320,7 @@ def test_row_reductions_run_a_row_at_a_time_and_match_onnxruntime(op, shape):
     of 5 on AVX-512) and of 64: scheduled, vectorized, numbers match.  Loop
     partitioning fails inside TVM on log-softmax's rows, so its tails stay
     scalar and only whole-vector rows vectorize."""
-    from backends.tvm.cpu import generic
+    from graphopt.backends.tvm.cpu import generic
 
     rng = np.random.default_rng(7)
     inits = {"g": rng.standard_normal(shape[-1:]).astype(F), "b": rng.standard_normal(shape[-1:]).astype(F)}

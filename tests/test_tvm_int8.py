@@ -1,4 +1,4 @@
-"""backends.tvm.int8.lower_qdq: QDQ models from quantize-static become int8 x
+"""graphopt.backends.tvm.int8.lower_qdq: QDQ models from quantize-static become int8 x
 int8 -> int32 kernels with requantization, matching onnxruntime on the same
 QDQ model to within one quantization step."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from backends.tvm.int8 import lower_qdq  # noqa: E402
+from graphopt.backends.tvm.int8 import lower_qdq  # noqa: E402
 
 F = np.float32
 
@@ -190,11 +190,11 @@ def test_compiled_qdq_model_runs_on_dot_product_kernels(tmp_path):
     (the manifest says what was rewritten), within one step of onnxruntime."""
     import json
 
-    import backends
-    from backends import CompileOptions
-    from backends.tvm import schedule
-    from backends.tvm.cpu.target import int8_dot
-    from backends.tvm.targets import host_arch, host_llvm
+    from graphopt import backends
+    from graphopt.backends import CompileOptions
+    from graphopt.backends.tvm import schedule
+    from graphopt.backends.tvm.cpu.target import int8_dot
+    from graphopt.backends.tvm.targets import host_arch, host_llvm
 
     if host_arch() != "x86_64" or int8_dot(tvm.target.Target(host_llvm())) is None:
         pytest.skip("this CPU has no AVX-512 VNNI")
@@ -223,7 +223,7 @@ _X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 def _kernels(qdq: onnx.ModelProto, target: dict) -> tuple[tvm.IRModule, tvm.IRModule, list[str]]:
     """The module planned and legalized for ``target``, the same scheduled,
     and the scripts of its scheduled int8 (dot-product) convolutions."""
-    from backends.tvm import schedule
+    from graphopt.backends.tvm import schedule
 
     target = schedule._normalized_target(tvm.target.Target(target))
     mod, _ = lower_qdq(schedule.bind_params(from_onnx(qdq, shape_dict={"x": [1, 3, 13, 11]})))
@@ -243,8 +243,8 @@ def _steps_on_host(qdq: onnx.ModelProto, mod: tvm.IRModule, target: dict | str =
 
 
 def _host_has(*features: str) -> bool:
-    from backends.tvm.cpu.target import cpu_features
-    from backends.tvm.targets import host_arch, host_llvm
+    from graphopt.backends.tvm.cpu.target import cpu_features
+    from graphopt.backends.tvm.targets import host_arch, host_llvm
 
     return host_arch() == "x86_64" and set(features) <= cpu_features(tvm.target.Target(host_llvm()))
 
@@ -304,7 +304,7 @@ def test_int8_matmul_by_a_constant_runs_on_the_float_template(rows, compute):
     constant is computed in float (exact small integers) and cast back,
     except for a single row, which reads each weight once and is bound by
     its bytes (int8: a quarter of float's).  The numbers stay onnxruntime's."""
-    from backends.tvm.cpu.matmul import plan_matmuls
+    from graphopt.backends.tvm.cpu.matmul import plan_matmuls
 
     rng = np.random.default_rng(0)
     inits = {"w": (rng.standard_normal((32, 24)) * 0.3).astype(F), "b": (rng.standard_normal(24) * 0.1).astype(F)}
@@ -322,7 +322,7 @@ def test_int8_matmul_by_a_constant_runs_on_the_float_template(rows, compute):
 
 
 def test_byte_pairs_fit_int16_up_to_128_per_sign():
-    from backends.tvm.cpu.intrinsics import pairs_fit_int16
+    from graphopt.backends.tvm.cpu.intrinsics import pairs_fit_int16
 
     w = np.zeros((2, 4, 1, 1), np.int8)
     w[0, 0, 0, 0], w[0, 1, 0, 0] = 100, 28      # 255 * 128 = 32640 fits

@@ -1,4 +1,4 @@
-"""backends.tvm.schedule: builds run and match onnxruntime; RPC addresses fail in one line."""
+"""graphopt.backends.tvm.schedule: builds run and match onnxruntime; RPC addresses fail in one line."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from backends.tvm import schedule  # noqa: E402
+from graphopt.backends.tvm import schedule  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 
 HOST = tvm.target.Target({"kind": "llvm"})

@@ -16,10 +16,10 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from backends.tvm import schedule  # noqa: E402
-from backends.tvm.cpu import search  # noqa: E402
-from backends.tvm.cpu.templates import default_config, kernel_key  # noqa: E402
-from backends.tvm.targets import host_llvm  # noqa: E402
+from graphopt.backends.tvm import schedule  # noqa: E402
+from graphopt.backends.tvm.cpu import search  # noqa: E402
+from graphopt.backends.tvm.cpu.templates import default_config, kernel_key  # noqa: E402
+from graphopt.backends.tvm.targets import host_llvm  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 
 F = np.float32
@@ -194,7 +194,7 @@ def test_gpu_targets_are_tuned_with_trials_not_templates():
 def test_compile_tune_minutes_from_the_command_line(tmp_path):
     """As a user runs it: the winners land in --tune-db, the manifest says
     what was searched, the artifact matches onnxruntime."""
-    from backends import load_runner
+    from graphopt.backends import load_runner
     from graphopt.cli import main
 
     model = _model()

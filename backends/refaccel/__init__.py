@@ -8,15 +8,15 @@ into the deployable library by TVM's C source module).  Here the "device" is
 the host CPU running that generated C; a real plug-in emits calls into its
 driver or kernel library from the same places.
 
-    from backends.refaccel import ACCELERATOR
-    from backends.tvm.byoc import partition
+    from graphopt.backends.refaccel import ACCELERATOR
+    from graphopt.backends.tvm.byoc import partition
     mod, stats = partition(mod, ACCELERATOR)
 """
 from __future__ import annotations
 
-from backends.refaccel.codegen import codegen
-from backends.refaccel.patterns import CLAIMS, patterns
-from backends.tvm.byoc import Accelerator
+from graphopt.backends.refaccel.codegen import codegen
+from graphopt.backends.refaccel.patterns import CLAIMS, patterns
+from graphopt.backends.tvm.byoc import Accelerator
 
 NAME = "refaccel"
 

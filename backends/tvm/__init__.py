@@ -2,7 +2,7 @@
 
 The artifact holds ``model.so`` (exported with ``export_library``; the weights
 are constants inside it) and the manifest.  Building goes through
-``backends.tvm.schedule.build`` (default schedules, optional MetaSchedule
+``graphopt.backends.tvm.schedule.build`` (default schedules, optional MetaSchedule
 tuning).  TVM is imported only when a model is compiled or loaded.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import (Artifact, Backend, CompileError, CompileOptions, CompileResult, Runner, RunError,
+from graphopt.backends.base import (Artifact, Backend, CompileError, CompileOptions, CompileResult, Runner, RunError,
                            TensorSpec, input_specs)
-from backends.registry import register_backend
-from backends.tvm import targets as _targets
+from graphopt.backends.registry import register_backend
+from graphopt.backends.tvm import targets as _targets
 from graphopt.errors import UsageError, first_line
 
 LIBRARY = "model.so"
@@ -53,7 +53,7 @@ class TVMBackend(Backend):
     def compile(self, model: Any, target: str, options: CompileOptions, folder: Path) -> CompileResult:
         import tvm
 
-        from backends.tvm import frontend
+        from graphopt.backends.tvm import frontend
 
         spec = _targets.resolve(target)
         inputs = input_specs(model, options.input_shapes, static=True)
@@ -89,7 +89,7 @@ class TVMBackend(Backend):
 
 def _integer_kernels(mod: Any, spec: _targets.TargetSpec) -> tuple[Any, dict[str, Any] | None]:
     """A QDQ model's quantized convolutions and matmuls as integer kernels on
-    CPU targets (``backends.tvm.int8``): float compute between dequantize and
+    CPU targets (``graphopt.backends.tvm.int8``): float compute between dequantize and
     quantize would be slower than the fp32 model.  Other models unchanged."""
     from tvm import relax
 
@@ -102,18 +102,18 @@ def _integer_kernels(mod: Any, spec: _targets.TargetSpec) -> tuple[Any, dict[str
                 isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.dequantize"))
     if not any(found):
         return mod, None
-    from backends.tvm import int8
-    from backends.tvm.schedule import bind_params
+    from graphopt.backends.tvm import int8
+    from graphopt.backends.tvm.schedule import bind_params
 
     return int8.lower_qdq(bind_params(mod))
 
 
 def _schedule():
-    """backends.tvm.schedule, or None while that module does not exist."""
+    """graphopt.backends.tvm.schedule, or None while that module does not exist."""
     try:
-        from backends.tvm import schedule
+        from graphopt.backends.tvm import schedule
     except ModuleNotFoundError as exc:
-        if exc.name == "backends.tvm.schedule":
+        if exc.name == "graphopt.backends.tvm.schedule":
             return None
         raise
     return schedule
@@ -129,7 +129,7 @@ def build(mod: Any, target: Any, options: CompileOptions) -> tuple[Any, dict[str
             summary = getattr(schedule, "last_summary", None)
             summary = dict(summary()) if callable(summary) else {}
             return result, {"trials": options.tune_trials, "minutes": options.tune_minutes,
-                            "database": str(options.tune_db or "") or None, "rpc": options.rpc, "schedules": "backends.tvm.schedule", **summary}
+                            "database": str(options.tune_db or "") or None, "rpc": options.rpc, "schedules": "graphopt.backends.tvm.schedule", **summary}
         # Fallback while backends/tvm/schedule.py is missing: TVM's default
         # pipeline for the target (legalize; DLight schedules for GPUs), untuned.
         import tvm
@@ -138,7 +138,7 @@ def build(mod: Any, target: Any, options: CompileOptions) -> tuple[Any, dict[str
     except (UsageError, CompileError):
         raise
     except Exception as exc:
-        from backends.tvm.frontend import _message
+        from graphopt.backends.tvm.frontend import _message
 
         raise CompileError(f"TVM build for {target.kind.name} failed: {_message(exc)}") from None
 
@@ -197,6 +197,6 @@ class TVMRunner(Runner):
             values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
             return {spec.name: v.numpy() for spec, v in zip(self.outputs, values)}
         except Exception as exc:
-            from backends.tvm.frontend import _message
+            from graphopt.backends.tvm.frontend import _message
 
             raise RunError(f"TVM run failed: {_message(exc)}") from None

@@ -129,7 +129,7 @@ def partition(mod: tvm.IRModule, accelerator: Accelerator) -> tuple[tvm.IRModule
     try:
         mod = relax.transform.RunCodegen()(mod)
     except Exception as exc:  # the plug-in's codegen failed: one line naming it
-        from backends.base import CompileError
+        from graphopt.backends.base import CompileError
         from graphopt.errors import first_line
 
         raise CompileError(f"accelerator '{accelerator.name}': code generation failed "

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import onnx
 
-from backends.base import CompileError, TensorSpec
+from graphopt.backends.base import CompileError, TensorSpec
 
 # Handled by the importer itself rather than by a converter.
 _DIRECT_OPS = {"If", "Constant"}

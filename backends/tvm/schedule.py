@@ -8,7 +8,7 @@ schedules every kernel:
 * kernels found in the tuning database get their tuned schedule;
 * on GPU targets the rest get DLight's default GPU rules;
 * on CPU targets the rest get graphopt's schedule library
-  (:mod:`backends.tvm.cpu`: convolutions in channel-blocked layouts with
+  (:mod:`graphopt.backends.tvm.cpu`: convolutions in channel-blocked layouts with
   register tiles, injective and pooling kernels fused, parallel and
   vectorized) and DLight's GEMV rule; the wheel has no BLAS or DNNL to
   dispatch to, so these schedules are what makes an untuned build fast.
@@ -66,7 +66,7 @@ def build(
 
     ``tune_trials`` is the measurement budget of the whole module; 0 tunes nothing
     (but a ``tune_db`` from earlier runs is still applied).  ``tune_minutes``
-    is the time the template search (:mod:`backends.tvm.cpu.search`, CPU
+    is the time the template search (:mod:`graphopt.backends.tvm.cpu.search`, CPU
     targets) may spend measuring the templates' knobs.  ``tune_db`` is a
     folder holding the JSON databases of both (created on demand).  ``rpc`` is
     ``HOST:PORT:KEY`` of an RPC tracker whose boards measure the candidates.
@@ -84,7 +84,7 @@ def build(
     mod = lower_to_kernels(mod, target)
     templates = None
     if target.kind.name == "llvm" or tune_minutes > 0:
-        from backends.tvm.cpu import search
+        from graphopt.backends.tvm.cpu import search
 
         templates = search.TemplateDatabase.open(tune_db)
         if tune_minutes > 0:
@@ -124,7 +124,7 @@ def _normalized_target(target: tvm.target.Target | str | dict) -> tvm.target.Tar
 
 
 def _physical_cores() -> int:
-    from backends.tvm.targets import usable_cores
+    from graphopt.backends.tvm.targets import usable_cores
 
     return usable_cores()
 
@@ -153,16 +153,16 @@ def bind_params(mod: tvm.IRModule) -> tvm.IRModule:
 def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Relax ops to fused TIR kernels: the form MetaSchedule extracts tasks from.
     On CPUs, convolutions are first planned into channel-blocked layouts and
-    legalized to graphopt's blocked compute (backends.tvm.cpu)."""
+    legalized to graphopt's blocked compute (graphopt.backends.tvm.cpu)."""
     cpu = target.kind.name == "llvm"
     if cpu:
-        from backends.tvm.cpu import conv2d, deconv, layout, matmul, vector_lanes
+        from graphopt.backends.tvm.cpu import conv2d, deconv, layout, matmul, vector_lanes
 
         with target, tvm.transform.PassContext(opt_level=3):
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                             relax.transform.CanonicalizeBindings(),
                                             relax.transform.FoldConstant()])(mod)
-        from backends.tvm.cpu.target import int8_dot, vector_registers
+        from graphopt.backends.tvm.cpu.target import int8_dot, vector_registers
 
         lanes = vector_lanes(target)
         planned = layout.plan(deconv.rewrite(mod), lanes, int8_dot=int8_dot(target),
@@ -239,8 +239,8 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target, choices: dict
         return mod
     from tvm.s_tir import dlight as dl
 
-    from backends.tvm.cpu import generic
-    from backends.tvm.cpu.search import template_rules
+    from graphopt.backends.tvm.cpu import generic
+    from graphopt.backends.tvm.cpu.search import template_rules
 
     conv, mm = template_rules(choices)
     with target:

@@ -1,3 +1,3 @@
 """Structured pruning: channels, attention heads, FFN neurons and whole blocks
 removed for real, with every coupled tensor kept consistent."""
-from passes.pruning import blocks, channels, transformer  # noqa: F401
+from graphopt.passes.pruning import blocks, channels, transformer  # noqa: F401

@@ -44,7 +44,7 @@ from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_output, remove_nodes, replace_all_uses,
                               static_shape)
-from passes.shapes import annotate_shapes
+from graphopt.passes.shapes import annotate_shapes
 
 # Ops whose output on the skip path means a projection shortcut.
 PROJECTION_OPS = frozenset({"Conv", "BatchNormalization", "Gemm", "MatMul", "ConvTranspose"})

@@ -1,13 +1,13 @@
 """prune-channels: structured channel pruning with every coupled tensor updated.
 
-The dependency analysis (:mod:`passes.pruning.groups`) finds the groups of
+The dependency analysis (:mod:`graphopt.passes.pruning.groups`) finds the groups of
 channel dimensions that must lose the same channels; this pass scores the
-channels of each prunable group (:mod:`passes.pruning.importance`), keeps the
+channels of each prunable group (:mod:`graphopt.passes.pruning.importance`), keeps the
 most important ones, removes the rest from every coupled tensor, and recovers
-what it can without training (:mod:`passes.pruning.recovery`).  Groups the
+what it can without training (:mod:`graphopt.passes.pruning.recovery`).  Groups the
 analysis cannot prove safe are left whole and named in the notes.  With
 ``allocate=sensitivity`` the fraction removed per group comes from each
-group's measured output error (:mod:`passes.pruning.allocation`) instead of
+group's measured output error (:mod:`graphopt.passes.pruning.allocation`) instead of
 one ratio for all.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import as_constant
-from passes.folding import materialize, topological_order
-from passes.pruning import allocation, recovery
-from passes.pruning.groups import ChannelAnalysis, analyze, protect
-from passes.pruning.importance import activation_importance, reconstruction_importance, weight_importance
+from graphopt.passes.folding import materialize, topological_order
+from graphopt.passes.pruning import allocation, recovery
+from graphopt.passes.pruning.groups import ChannelAnalysis, analyze, protect
+from graphopt.passes.pruning.importance import activation_importance, reconstruction_importance, weight_importance
 
 CRITERIA = ("l1", "l2", "bn-gamma", "activation", "reconstruction")
 
@@ -573,6 +573,6 @@ def _refresh_shapes(model: Model) -> None:
         if isinstance(t, gs.Variable) and id(t) not in keep:
             t.shape = None
     model.analyses.pop("shapes", None)
-    from passes.shapes import annotate_shapes
+    from graphopt.passes.shapes import annotate_shapes
 
     annotate_shapes(model)

@@ -40,8 +40,8 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import Model
 from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, is_graph_output
 
-from passes.folding import outer_refs, topological_order
-from passes.shapes import annotate_shapes
+from graphopt.passes.folding import outer_refs, topological_order
+from graphopt.passes.shapes import annotate_shapes
 
 
 # ----------------------------------------------------------------------------------

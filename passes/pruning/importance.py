@@ -14,7 +14,7 @@ import numpy as np
 
 from graphopt.errors import UsageError
 from graphopt.rewrite import as_constant
-from passes.pruning.groups import ChannelAnalysis, Edit, Layout
+from graphopt.passes.pruning.groups import ChannelAnalysis, Edit, Layout
 
 
 def _accumulate(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], per_element: np.ndarray,
@@ -92,7 +92,7 @@ def _probe_design(node, value: np.ndarray, axis: int, rng: np.random.Generator):
     """The consumer's least-squares design matrix on one sample (rows x input
     columns, a column per input element and kernel tap) and its weight as
     (outputs x columns), or None where the consumer is not a plain linear map."""
-    from passes.pruning.recovery import MAX_ROWS, im2col
+    from graphopt.passes.pruning.recovery import MAX_ROWS, im2col
 
     w_const = as_constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if w_const is None:

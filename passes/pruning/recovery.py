@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from graphopt.activations import Activations, collect
 from graphopt.ir import Model
 from graphopt.rewrite import as_constant, fresh_name
-from passes.pruning.groups import flush_subnormals, replace_constant_input
+from graphopt.passes.pruning.groups import flush_subnormals, replace_constant_input
 
 MAX_ROWS = 8192  # rows of a least-squares problem (sampled positions)
 

@@ -36,10 +36,10 @@ from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, lacks_annotations, sole_consumer
-from passes.quantization.common import quantize_weight
-from passes.quantization.recovery import Smoothing, activation_stats, plan_smoothing, smooth_sites
-from passes.quantization.sensitivity import FidelityBudgetOptions
-from passes.shapes import annotate_shapes
+from graphopt.passes.quantization.common import quantize_weight
+from graphopt.passes.quantization.recovery import Smoothing, activation_stats, plan_smoothing, smooth_sites
+from graphopt.passes.quantization.sensitivity import FidelityBudgetOptions
+from graphopt.passes.shapes import annotate_shapes
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_OPS = ("MatMul", "Gemm")
@@ -458,7 +458,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
                     choices=("auto", "fixed"))
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from passes.quantization import sensitivity as sens
+        from graphopt.passes.quantization import sensitivity as sens
 
         selection = make_selection(self.name, self.ops, self.exclude_nodes, self.exclude_ops, self.exclude_regex,
                                    supported=DYNAMIC_OPS)
@@ -510,8 +510,8 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         """DynamicQuantizeLSTM for the LSTMs (recurrent.py); under a fidelity
         budget only if the model with them quantized still meets it on the
         held-out samples, else they all stay float and the note says why."""
-        from passes.quantization import sensitivity as sens
-        from passes.quantization.recurrent import quantize_lstms
+        from graphopt.passes.quantization import sensitivity as sens
+        from graphopt.passes.quantization.recurrent import quantize_lstms
 
         if self.format == "onnx":
             notes.append("LSTM: format=onnx has no quantized LSTM; left in float")
@@ -541,7 +541,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         (the held-out samples stay unseen)."""
         from graphopt import runtime
         from graphopt.console import progress
-        from passes.quantization import sensitivity as sens
+        from graphopt.passes.quantization import sensitivity as sens
 
         fit, judge = budget.calib.split(0.5, ctx.seed + 1) if len(budget.calib) >= 2 else (budget.calib,) * 2
         judge = list(judge)
@@ -575,7 +575,7 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
              config: DynamicConfig, keep: set[str], smoothing, budget):
         """Rank the sites by the output error each causes alone and keep the
         worst in float until ``spec`` holds on held-out samples (sensitivity.py)."""
-        from passes.quantization import sensitivity as sens
+        from graphopt.passes.quantization import sensitivity as sens
 
         nodes = [(s.node.name, s.node.op) for s in sites if s.node.name not in keep]
         proto, switches = switched_model(model, selection, config, {n for n, _ in nodes}, smoothing)

@@ -37,7 +37,7 @@ from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import STANDARD_DOMAINS, fresh_name, is_graph_output
-from passes.shapes import annotate_shapes
+from graphopt.passes.shapes import annotate_shapes
 
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)

@@ -41,8 +41,8 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import UsageError
 from graphopt.ir import Model, iter_graphs
 from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, is_graph_output
-from passes.quantization import channel_scale
-from passes.shapes import refine_with_symbolic_inference
+from graphopt.passes.quantization import channel_scale
+from graphopt.passes.shapes import refine_with_symbolic_inference
 
 _F32 = np.dtype(np.float32)
 SCALE_LIMITS = (1e-4, 1e4)
@@ -143,7 +143,7 @@ def plan_smoothing(model: Model, sites: Sequence[Any], data, alpha: float, *, ke
                    existing: Mapping[str, Any] | None = None, unfolded: bool = False,
                    notes: list[str] | None = None, stats: Mapping[str, Any] | None = None,
                    per_channel: bool = True) -> tuple[dict[str, Any], dict[str, int]]:
-    """Compute SmoothQuant scales for ``sites`` (from :func:`passes.quantization.
+    """Compute SmoothQuant scales for ``sites`` (from :func:`graphopt.passes.quantization.
     dynamic.find_sites`) on ``data`` (or precomputed :func:`activation_stats`)
     and fold ``1/s`` upstream where possible (edits the model).  Returns
     ``({node name: Smoothing}, counters)``; the caller multiplies ``s`` into
@@ -276,7 +276,7 @@ def correct_biases(model: Model, weights: Sequence[tuple[gs.Node, int, int | Non
     ``(node, 1, axis)`` in ``weights`` (quantized as quantize-static will).
     Returns ``(counters, nodes that got a new bias)``; ``new_bias_ok(node)``
     says whether such a node's new bias may be quantized by the caller."""
-    from passes.quantization.common import quantize_weight
+    from graphopt.passes.quantization.common import quantize_weight
 
     notes = notes if notes is not None else []
     graph = model.graph

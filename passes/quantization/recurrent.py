@@ -16,8 +16,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import Model
 from graphopt.rewrite import STANDARD_DOMAINS, as_constant
-from passes.quantization.common import quantize_weight
-from passes.quantization.recovery import ConstantNames
+from graphopt.passes.quantization.common import quantize_weight
+from graphopt.passes.quantization.recovery import ConstantNames
 
 MS_DOMAIN = "com.microsoft"
 _LSTM_INPUTS = 8  # X, W, R, B, sequence_lens, initial_h, initial_c, P

@@ -46,7 +46,7 @@ from graphopt.ir import Model
 from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import STANDARD_DOMAINS, as_constant, fresh_name, is_graph_input, is_graph_output
-from passes.quantization.common import (
+from graphopt.passes.quantization.common import (
     BINARY_OPS,
     DEFAULT_STATIC_OPS,
     PASSTHROUGH_OPS,
@@ -60,8 +60,8 @@ from passes.quantization.common import (
     quantize_weight,
     weight_axis,
 )
-from passes.quantization.sensitivity import FidelityBudgetOptions
-from passes.shapes import annotate_shapes
+from graphopt.passes.quantization.sensitivity import FidelityBudgetOptions
+from graphopt.passes.shapes import annotate_shapes
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_KEEP_FLOAT = ("Softmax", "LayerNormalization", "BatchNormalization", "InstanceNormalization",
@@ -128,8 +128,8 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
 
     # ------------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from passes.quantization import recovery
-        from passes.quantization import sensitivity as sens
+        from graphopt.passes.quantization import recovery
+        from graphopt.passes.quantization import sensitivity as sens
 
         data = getattr(ctx, "calibration", None)
         if data is None:
@@ -199,7 +199,7 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
         keep the worst in float until ``spec`` holds on held-out samples
         (sensitivity.py).  Ranges are calibrated once and reused by every
         candidate model."""
-        from passes.quantization import sensitivity as sens
+        from graphopt.passes.quantization import sensitivity as sens
 
         nodes = [(n.name, n.op) for n in plan.nodes if n.op not in PASSTHROUGH_OPS and n.name]
         names, (rank_refs, held_refs) = sens.reference_outputs(model.to_proto(), model.source_dir,

@@ -34,7 +34,7 @@ from graphopt.pass_base import Option, Pass, PassResult, Tolerance
 from graphopt.registry import register_pass
 from graphopt.rewrite import fresh_name
 
-from passes.quantization.dynamic import MS_DOMAIN, SUPPORTED_OPS, Site, find_sites, make_selection
+from graphopt.passes.quantization.dynamic import MS_DOMAIN, SUPPORTED_OPS, Site, find_sites, make_selection
 
 BITS = (4, 8)
 BLOCKS = (16, 32, 64, 128, 256)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from backends.base import CompileOptions, CompileResult
-from backends.onnxruntime import DEFAULT_SESSION, OnnxRuntimeBackend
+from graphopt.backends.base import CompileOptions, CompileResult
+from graphopt.backends.onnxruntime import DEFAULT_SESSION, OnnxRuntimeBackend
 from graphopt.context import PassContext
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult

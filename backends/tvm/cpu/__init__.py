@@ -18,6 +18,6 @@ measurement, following NeoCPU (Liu et al., USENIX ATC 2019):
 """
 from __future__ import annotations
 
-from backends.tvm.cpu.target import vector_lanes
+from graphopt.backends.tvm.cpu.target import vector_lanes
 
 __all__ = ["vector_lanes"]

@@ -22,9 +22,9 @@ from typing import Any
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-from backends.tvm.cpu.generic import loop_product
-from backends.tvm.cpu.target import int8_dot, num_cores, parallel_worthwhile, vector_registers
-from backends.tvm.cpu.templates import Config, TemplateRule
+from graphopt.backends.tvm.cpu.generic import loop_product
+from graphopt.backends.tvm.cpu.target import int8_dot, num_cores, parallel_worthwhile, vector_registers
+from graphopt.backends.tvm.cpu.templates import Config, TemplateRule
 
 DENSE = "conv2d_nchwc"
 DENSE_INT8 = "conv2d_nchwc_int8"

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from backends.tvm.cpu.layout import map_functions
+from graphopt.backends.tvm.cpu.layout import map_functions
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 

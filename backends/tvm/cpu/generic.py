@@ -15,7 +15,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from backends.tvm.cpu.target import parallel_worthwhile, vector_lanes
+from graphopt.backends.tvm.cpu.target import parallel_worthwhile, vector_lanes
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int:

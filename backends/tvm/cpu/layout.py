@@ -37,10 +37,10 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from backends.tvm.cpu.conv2d import column_limit, column_tile
-from backends.tvm.cpu.intrinsics import pairs_fit_int16
-from backends.tvm.cpu.target import Int8Dot
-from backends.tvm.int8 import const_array
+from graphopt.backends.tvm.cpu.conv2d import column_limit, column_tile
+from graphopt.backends.tvm.cpu.intrinsics import pairs_fit_int16
+from graphopt.backends.tvm.cpu.target import Int8Dot
+from graphopt.backends.tvm.int8 import const_array
 
 _op = tvm.ir.Op.get
 _CONV2D = _op("relax.nn.conv2d")

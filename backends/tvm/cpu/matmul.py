@@ -18,10 +18,10 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from backends.tvm.cpu.generic import _extent, _inline_producers, _iter_kinds, parallel_vectorize
-from backends.tvm.cpu.layout import map_functions
-from backends.tvm.cpu.target import num_cores, parallel_worthwhile, vector_lanes
-from backends.tvm.cpu.templates import Config, TemplateRule
+from graphopt.backends.tvm.cpu.generic import _extent, _inline_producers, _iter_kinds, parallel_vectorize
+from graphopt.backends.tvm.cpu.layout import map_functions
+from graphopt.backends.tvm.cpu.target import num_cores, parallel_worthwhile, vector_lanes
+from graphopt.backends.tvm.cpu.templates import Config, TemplateRule
 
 # Fewer multiply-adds than this are left to the generic rules: tiling does not pay.
 _MIN_MACS = 1 << 15

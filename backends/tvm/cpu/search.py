@@ -30,7 +30,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from backends.tvm.cpu.templates import Config, TemplateRule, default_config, kernel_key
+from graphopt.backends.tvm.cpu.templates import Config, TemplateRule, default_config, kernel_key
 from graphopt.console import StatusReport
 from graphopt.errors import UsageError, first_line
 from graphopt.files import write_text_atomic
@@ -50,8 +50,8 @@ _PASSES = 2
 
 def template_rules(choices: dict[str, Config] | None = None) -> list[TemplateRule]:
     """The template rules, in the order the default schedule tries them."""
-    from backends.tvm.cpu.conv2d import BlockedConv2D
-    from backends.tvm.cpu.matmul import Matmul
+    from graphopt.backends.tvm.cpu.conv2d import BlockedConv2D
+    from graphopt.backends.tvm.cpu.matmul import Matmul
 
     return [BlockedConv2D(choices), Matmul(choices)]
 
@@ -183,7 +183,7 @@ class LocalDevice:
     """Builds and times kernels in this process, on this machine's CPU."""
 
     def __init__(self) -> None:
-        from backends.tvm import _size_thread_pool
+        from graphopt.backends.tvm import _size_thread_pool
 
         _size_thread_pool()  # the pool the artifact's runner will use
         self.dev = tvm.cpu(0)
@@ -348,8 +348,8 @@ def search_kernel(kernel: Kernel, target: tvm.target.Target, device: Any, deadli
 
 def runs_here(target: tvm.target.Target) -> str | None:
     """Why kernels for ``target`` cannot be timed on this machine, or None."""
-    from backends.tvm.cpu.target import cpu_features
-    from backends.tvm.targets import host_arch, normalize_arch
+    from graphopt.backends.tvm.cpu.target import cpu_features
+    from graphopt.backends.tvm.targets import host_arch, normalize_arch
 
     triple = str(target.attrs.get("mtriple", ""))
     if triple and normalize_arch(triple.split("-")[0]) != host_arch():

@@ -94,7 +94,7 @@ class Int8Dot:
     (``data``: uint8, or int8 where the instruction multiplies signed bytes
     only) and int8 weights."""
 
-    intrinsic: str  # the registered tensor intrinsic (backends.tvm.cpu.intrinsics)
+    intrinsic: str  # the registered tensor intrinsic (graphopt.backends.tvm.cpu.intrinsics)
     lanes: int
     data: str
     # products summed in pairs in a saturating int16 (AVX2 vpmaddubsw): exact
@@ -112,11 +112,11 @@ def int8_dot(target: tvm.target.Target) -> Int8Dot | None:
     * AArch64 i8mm ``usdot``: uint8 x int8, 4 lanes;
     * AArch64 dotprod ``sdot``: int8 x int8, 4 lanes; uint8 activations are
       shifted by -128 first and the shift's ``128 * sum(W)`` added back
-      (``backends.tvm.cpu.layout``).
+      (``graphopt.backends.tvm.cpu.layout``).
 
     Other int8 convolutions run their exact small integers on the float
-    templates (``backends.tvm.cpu.layout``)."""
-    from backends.tvm.cpu import intrinsics
+    templates (``graphopt.backends.tvm.cpu.layout``)."""
+    from graphopt.backends.tvm.cpu import intrinsics
 
     features = cpu_features(target)
     name = None

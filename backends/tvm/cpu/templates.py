@@ -17,7 +17,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from backends.tvm.cpu.generic import GuardedRule
+from graphopt.backends.tvm.cpu.generic import GuardedRule
 
 Config = dict[str, Any]
 
