@@ -1,12 +1,18 @@
-"""The pass manager: runs a pipeline, owns fixpoint iteration, timing and instruments.
+"""The pass manager: runs a pipeline, owns fixpoint iteration, timing,
+structural verification and instruments.
 
 Passes only transform; everything around them (statistics, verification,
 IR printing and dumps) is the manager's or an instrument's job, so a pass
-author writes one ``run`` method and gets all of it for free.
+author writes one ``run`` method and gets all of it for free.  After every
+pass that reports a change the manager checks the graph's structure
+(:mod:`graphopt.verify`), always; with ``GRAPHOPT_CHECK_UNCHANGED=1`` (the
+test suite sets it) it also proves that a pass reporting no change left the
+model byte for byte as it was.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Sequence
 
@@ -16,6 +22,7 @@ from graphopt.ir import Model
 from graphopt.pass_base import Pass, PassResult
 from graphopt.pipeline import Fixpoint, Pipeline
 from graphopt.stats import GraphStats, graph_stats
+from graphopt.verify import first_difference, io_names, snapshot, structure_errors
 
 
 @dataclasses.dataclass
@@ -72,14 +79,19 @@ class RunResult:
 
 
 class PassManager:
-    def __init__(self, pipeline: Pipeline, instruments: Sequence[Instrument] = ()):
+    def __init__(self, pipeline: Pipeline, instruments: Sequence[Instrument] = (),
+                 check_unchanged: bool | None = None):
         self.pipeline = pipeline
         self.instruments = list(instruments)
+        if check_unchanged is None:
+            check_unchanged = os.environ.get("GRAPHOPT_CHECK_UNCHANGED", "") not in ("", "0")
+        self.check_unchanged = check_unchanged
 
     def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
         ctx = ctx or PassContext()
         records: list[PassRecord] = []
         self._ran: list[Pass] = []  # the pass of each record
+        self._io = io_names(model)  # no pass may rename or drop the graph's inputs and outputs
         for inst in self.instruments:
             inst.run_begin(model, ctx)
         self._run_elements(self.pipeline.elements, model, ctx, records, None)
@@ -124,6 +136,7 @@ class PassManager:
         for inst in self.instruments:
             inst.before_pass(p, model, ctx)
         before = graph_stats(model.graph)
+        kept = snapshot(model) if self.check_unchanged else None
         start = time.perf_counter()
         try:
             result = p.run(model, ctx)
@@ -139,6 +152,11 @@ class PassManager:
             raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
         if result.changed:
             model.analyses.clear()
+            errors = structure_errors(model, self._io)
+            if errors:
+                raise PassError(f"pass '{p.name}' left a broken graph: " + "; ".join(errors))
+        elif kept is not None and (now := snapshot(model)) != kept:
+            raise PassError(f"pass '{p.name}' reported no change but changed {first_difference(kept, now)}")
         record = PassRecord(
             name=p.name,
             pipeline_text=str(p),

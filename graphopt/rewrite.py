@@ -55,6 +55,14 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     return True
 
 
+def sort_nodes(graph: gs.Graph) -> bool:
+    """Sort ``graph`` topologically (onnx-graphsurgeon's order); True when the
+    order changed, which is a change the calling pass must report."""
+    order = [id(n) for n in graph.nodes]
+    graph.toposort()
+    return order != [id(n) for n in graph.nodes]
+
+
 def remove_nodes(graph: gs.Graph, nodes) -> None:
     """Detach ``nodes`` and drop them from the graph in one sweep.
 

@@ -13,7 +13,7 @@ from graphopt.context import PassContext
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult
 from graphopt.registry import register_pass
-from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_input, is_graph_output, lacks_annotations,
+from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_input, is_graph_output, lacks_annotations, sort_nodes,
                               replace_all_uses, static_shape)
 from graphopt.stats import graph_stats
 from graphopt.passes.shapes import annotate_shapes
@@ -36,11 +36,11 @@ class EliminateDeadCode(Pass):
         graph = model.graph
         before = graph_stats(graph)
         graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True, remove_unused_graph_inputs=False)
-        graph.toposort()
+        sorted_anew = sort_nodes(graph)
         after = graph_stats(graph)
         removed = before.nodes - after.nodes
         return PassResult(
-            changed=removed > 0 or after.initializers != before.initializers,
+            changed=removed > 0 or after.initializers != before.initializers or sorted_anew,
             stats={"removed_nodes": removed, "removed_constants": before.initializers - after.initializers},
             reason="every node and constant feeds a graph output",
         )
@@ -210,7 +210,7 @@ class CommonSubexpressionElimination(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         try:
-            model.graph.toposort()
+            sorted_anew = sort_nodes(model.graph)
         except Exception as exc:  # a cycle: nothing here is safe to merge
             return PassResult(changed=False, notes=[f"cse skipped: graph cannot be sorted ({exc})"])
         consts = _ConstantKeys(self.max_constant_bytes)
@@ -220,7 +220,7 @@ class CommonSubexpressionElimination(Pass):
             merged_constants += self._merge_constants(graph, bypass, consts)
             merged_nodes += self._merge_nodes(graph, bypass, consts)
         return PassResult(
-            changed=merged_constants + merged_nodes > 0,
+            changed=merged_constants + merged_nodes > 0 or sorted_anew,
             stats={"merged_nodes": merged_nodes, "merged_constants": merged_constants},
             reason="no two nodes compute the same value and no two constants are equal",
         )
@@ -588,7 +588,7 @@ class EliminateIdentity(Pass):
         if self.infer and lacks_annotations(model, _SHAPE_TYPED_OPS):
             annotate_shapes(model)
         try:
-            model.graph.toposort()
+            sorted_anew = sort_nodes(model.graph)
         except Exception as exc:
             return PassResult(changed=False, notes=[f"eliminate-identity skipped: graph cannot be sorted ({exc})"])
         counts: dict[str, int] = {}
@@ -596,7 +596,7 @@ class EliminateIdentity(Pass):
         bypassed = sum(counts.values())
         stats: dict[str, int] = {"bypassed": bypassed, "removed_nodes": removed}
         stats.update({f"bypassed_{op}": n for op, n in sorted(counts.items())})
-        return PassResult(changed=bypassed > 0, stats=stats,
+        return PassResult(changed=bypassed > 0 or sorted_anew, stats=stats,
                           reason="no node provably returns its input unchanged")
 
     def _run_graph(self, model: Model, graph: gs.Graph, counts: dict[str, int]) -> int:

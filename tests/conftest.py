@@ -6,6 +6,7 @@ onnxruntime against the original.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +19,10 @@ from graphopt import runtime
 from graphopt.context import PassContext
 from graphopt.ir import Model
 from light_weights import LIGHT_DIR, light_models as _light_models  # noqa: F401  (LIGHT_DIR re-exported)
+
+# Every pass run under the tests (in process or through the CLI in a
+# subprocess) must leave the model byte-identical when it reports no change.
+os.environ.setdefault("GRAPHOPT_CHECK_UNCHANGED", "1")
 
 LIGHT_MODELS = sorted(_light_models().values())
 

@@ -473,10 +473,10 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
         keep = set(shared.get("keep_float", ()))
         alpha = self.smooth_alpha if self.smooth else None
         unfolded = self.smooth_unfolded
-        data, budget, stats = ctx.calibration, None, {}
+        data, budget, stats, named = ctx.calibration, None, {}, 0
         lstms = "LSTM" in selection.ops and any(n.op == "LSTM" for n in model.graph.nodes)
         if spec is not None and (sites or lstms):
-            _name_sites(model, sites)
+            named = _name_sites(model, sites)
             # Samples split once; references come from the float model, before any smoothing is folded in.
             budget = sens.BudgetData.prepare(model, ctx, self)
             data = budget.calib
@@ -504,7 +504,9 @@ class QuantizeDynamic(FidelityBudgetOptions, Pass):
             stats["per_channel"] = config.per_channel
         if fidelity is not None:
             fidelity.conclude(model, counts["quantized"] > 0, stats, notes, ctx, self.name)
-        return PassResult(changed=counts["quantized"] > 0, stats=stats, notes=notes)
+        # Smoothing rewrites the graph (exactly) even where the budget then keeps everything float.
+        changed = counts["quantized"] > 0 or named > 0 or bool(smooth_stats.get("smoothed"))
+        return PassResult(changed=changed, stats=stats, notes=notes)
 
     def _quantize_lstms(self, model: Model, selection: Selection, spec, budget, notes: list[str], stats: dict) -> int:
         """DynamicQuantizeLSTM for the LSTMs (recurrent.py); under a fidelity
@@ -598,12 +600,15 @@ class Recipe:
 RECIPES = tuple(Recipe(pc, a) for a in (None, 0.5, 0.6, 0.7, 0.8) for pc in (False, True))
 
 
-def _name_sites(model: Model, sites: list[Site]) -> None:
-    """keep_float and the budget work by node name: name the unnamed."""
+def _name_sites(model: Model, sites: list[Site]) -> int:
+    """keep_float and the budget work by node name: name the unnamed; returns how many."""
     taken = {n.name for n in model.graph.nodes if n.name}
+    named = 0
     for site in sites:
         if not site.node.name:
             site.node.name = fresh_name(taken, f"{site.node.op}_{site.node.outputs[0].name}")
+            named += 1
+    return named
 
 
 def _activation_stats(model: Model, sites: list[Site], data):

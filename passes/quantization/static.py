@@ -142,18 +142,19 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
             raise UsageError(f"pass '{self.name}': option 'exclude-regex' is not a valid regex ({exc})") from None
         opset = model.opset
         notes: list[str] = []
+        modified = False  # by the preparation (opset upgrade, node names), even if nothing is quantized
         if opset < 10:
             # QuantizeLinear arrived in opset 10: older models need the upgrade.
             if not (self.upgrade_opset and _upgrade_opset(model, 13)):
                 return PassResult(False, {"quantized_nodes": 0},
                                   [f"opset {opset} < 10 has no QuantizeLinear and could not be upgraded; nothing done"])
             notes.append(f"opset {opset} upgraded to 13 (QuantizeLinear needs 10, per-channel scales 13)")
-            opset = 13
+            opset, modified = 13, True
         per_channel = self.per_channel
         if per_channel and opset < 13:
             if self.upgrade_opset and _upgrade_opset(model, 13):
                 notes.append(f"opset {opset} upgraded to 13 for per-channel weight scales")
-                opset = 13
+                opset, modified = 13, True
             else:
                 per_channel = False
                 notes.append(f"opset {opset} < 13: per-tensor weight scales instead of per-channel")
@@ -162,11 +163,12 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
             taken = {n.name for n in model.graph.nodes if n.name}
             for node in model.graph.nodes:
                 if not node.name and node.op in self.ops:
+                    modified = True
                     node.name = fresh_name(taken, f"{node.op}_{node.outputs[0].name if node.outputs else 'node'}")
         notes += recovery.static_equalize(self, model)
         plan = self._plan(model, regex, per_channel)
         if not plan.nodes:
-            return PassResult(False, {"quantized_nodes": 0}, notes + ["no quantizable node"])
+            return PassResult(modified, {"quantized_nodes": 0}, notes + ["no quantizable node"])
         fidelity = None
         if spec is not None:  # calibration must not see the held-out samples
             rank_samples, held_samples, data = sens.split_samples(data, self.fidelity_holdout, ctx.seed,
@@ -191,7 +193,9 @@ class QuantizeStatic(FidelityBudgetOptions, Pass):
             stats[f"skipped_{op}"] = n
         if plan.tail:
             stats["float_tail_nodes"] = plan.tail
-        return PassResult(stats["quantized_nodes"] > 0, stats, notes)
+        # An op list without weighted ops quantizes activations only: QDQ pairs are a change too.
+        changed = modified or any(stats[k] for k in ("quantized_nodes", "qdq_pairs", "weights", "biases"))
+        return PassResult(changed, stats, notes)
 
     def _fit(self, model: Model, ctx: PassContext, spec, regex, per_channel: bool, plan: _Plan,
              ranges: dict[str, tuple[float, float]], rank_samples, held_samples):
