@@ -188,6 +188,16 @@ class Pass:
                     specs.setdefault(attr, value)
         return specs
 
+    def explicit_options(self) -> dict[str, Any]:
+        """The options given when the pass was made (pipeline text, config or
+        keyword), by attribute name, converted; defaults not included.  What
+        tells "set to its default" from "not set"."""
+        return dict(self._options)
+
+    def is_set(self, option: str) -> bool:
+        """Whether ``option`` (attribute or option name) was given explicitly."""
+        return option.replace("-", "_") in self._options
+
     @classmethod
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()

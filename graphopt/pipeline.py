@@ -288,8 +288,9 @@ def to_toml(pipeline: Pipeline) -> str:
         else:
             lines.append(f"pass = {_toml_str(el.name)}")
             for attr, spec in el.option_specs().items():
-                if attr in el._options and el._options[attr] != spec.default:
-                    lines.append(f"{spec.name} = {_toml_value(el._options[attr])}")
+                given = el.explicit_options()
+                if attr in given and given[attr] != spec.default:
+                    lines.append(f"{spec.name} = {_toml_value(given[attr])}")
         lines.append("")
     return "\n".join(lines)
 

@@ -232,7 +232,7 @@ class Sparsify(Pass):
                 raise UsageError(f"{where}: N:M sparsity needs 0 < n < m, got n={self.n}, m={self.m}")
             if self.m > 256:
                 raise UsageError(f"{where}: option 'm' must be at most 256, got '{self.m}'")
-            if "ratio" in self._options or "scope" in self._options:
+            if self.is_set("ratio") or self.is_set("scope"):
                 raise UsageError(f"{where}: options 'ratio'/'scope' do not apply to N:M sparsity (n, m)")
         check_ops(self.name, self.ops)
 

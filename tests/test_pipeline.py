@@ -320,3 +320,10 @@ def test_lossy_tolerance_checks_cosine_and_ignores_the_relative_override():
     exact = Tolerance()
     assert not exact.check(ref * 1.05, ref)[0]
     assert exact.check(ref * 1.05, ref, relative=0.1)[0]
+
+
+def test_explicit_options_tell_a_default_from_an_unset_option():
+    p = parse("test-count{times=2}").passes()[0]  # 2 is the default
+    assert p.is_set("times") and not p.is_set("ratio") and p.explicit_options() == {"times": 2}
+    p.explicit_options()["ratio"] = 9.0  # a copy: the pass is not changed through it
+    assert not p.is_set("ratio") and p.ratio == 0.5

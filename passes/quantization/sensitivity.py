@@ -57,10 +57,10 @@ def fidelity_spec(p: Any, ctx: Any) -> FidelitySpec | None:
     """The spec a pass works to: its own ``fidelity`` option when given (an
     empty string turns a run-wide one off), else ``ctx.options["fidelity"]``
     (``graphopt opt --fidelity``)."""
-    text = p._options["fidelity"] if "fidelity" in p._options else (ctx.options or {}).get("fidelity", "")
+    text = p.fidelity if p.is_set("fidelity") else (ctx.options or {}).get("fidelity", "")
     if not text:
         return None
-    where = f"pass '{p.name}': option 'fidelity'" if "fidelity" in p._options else "--fidelity"
+    where = f"pass '{p.name}': option 'fidelity'" if p.is_set("fidelity") else "--fidelity"
     spec = parse_fidelity(text, where)
     if getattr(ctx, "calibration", None) is None:
         raise UsageError(f"{where} needs calibration data to measure on: pass --calib PATH")
