@@ -323,7 +323,7 @@ def test_lossy_tolerance_checks_cosine_and_ignores_the_relative_override():
 
 
 def test_explicit_options_tell_a_default_from_an_unset_option():
-    p = parse("test-count{times=2}").passes()[0]  # 2 is the default
+    p = next(parse("test-count{times=2}").passes())  # 2 is the default
     assert p.is_set("times") and not p.is_set("ratio") and p.explicit_options() == {"times": 2}
     p.explicit_options()["ratio"] = 9.0  # a copy: the pass is not changed through it
     assert not p.is_set("ratio") and p.ratio == 0.5
