@@ -470,16 +470,21 @@ def _has_external(proto: onnx.ModelProto) -> bool:
     return any(_is_external(t) for t in iter_tensor_protos(proto.graph))
 
 
+def node_subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+    """The graphs ``node`` holds in its attributes (If branches, Loop and Scan bodies)."""
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, gs.Graph))
+
+
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph`` and every graph nested in it, outermost first."""
     yield graph
     for node in graph.nodes:
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                yield from iter_graphs(attr)
-            elif isinstance(attr, list):
-                for item in attr:
-                    if isinstance(item, gs.Graph):
-                        yield from iter_graphs(item)
+        for sub in node_subgraphs(node):
+            yield from iter_graphs(sub)
 
 
 def _used_domains(graph: gs.Graph) -> dict[str, int]:

@@ -7,7 +7,7 @@ author writes one ``run`` method and gets all of it for free.  After every
 pass that reports a change the manager checks the graph's structure
 (:mod:`graphopt.verify`), always; with ``GRAPHOPT_CHECK_UNCHANGED=1`` (the
 test suite sets it) it also proves that a pass reporting no change left the
-model byte for byte as it was.
+model as it was.
 """
 from __future__ import annotations
 

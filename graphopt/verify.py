@@ -9,14 +9,11 @@ checks are ``--verify-each``'s job; this one only proves the graph is a graph.
 """
 from __future__ import annotations
 
-import hashlib
-from typing import Iterator
-
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from graphopt.ir import Model
+from graphopt.ir import Model, node_subgraphs
 
 
 def io_names(model: Model) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -40,29 +37,23 @@ def structure_errors(model: Model, expected_io: tuple[tuple[str, ...], tuple[str
 
 
 def _check_graph(graph: gs.Graph, outer: frozenset[str], errors: list[str], where: str) -> None:
-    produced_anywhere = {t.name for n in graph.nodes for t in n.outputs}
     available = set(outer) | {t.name for t in graph.inputs}
+    produced: set[str] | None = None  # every node output; only a broken graph needs it
     for node in graph.nodes:
         for t in node.inputs:
             if t.name == "" or isinstance(t, gs.Constant) or t.name in available:
                 continue
-            what = "before it is produced (nodes out of topological order)" if t.name in produced_anywhere \
+            if produced is None:
+                produced = {out.name for n in graph.nodes for out in n.outputs}
+            what = "before it is produced (nodes out of topological order)" if t.name in produced \
                 else "which nothing produces (a dangling edge)"
             errors.append(f"{where}node '{node.name}' ({node.op}) reads '{t.name}' {what}")
-        for sub in _subgraphs(node):
+        for sub in node_subgraphs(node):
             _check_graph(sub, frozenset(available), errors, f"{where}{node.name}/")
         available.update(t.name for t in node.outputs)
     for t in graph.outputs:
         if not isinstance(t, gs.Constant) and t.name not in available:
             errors.append(f"{where}graph output '{t.name}' is produced by no node and is no graph input")
-
-
-def _subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
-    for value in node.attrs.values():
-        if isinstance(value, gs.Graph):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from (v for v in value if isinstance(v, gs.Graph))
 
 
 def snapshot(model: Model) -> onnx.ModelProto:
@@ -74,11 +65,6 @@ def snapshot(model: Model) -> onnx.ModelProto:
     proto = model.to_proto()
     _canonicalize(proto.graph)
     return proto
-
-
-def fingerprint(model: Model) -> str:
-    """A digest of :func:`snapshot`: equal digests, equal models."""
-    return hashlib.sha256(snapshot(model).SerializeToString(deterministic=True)).hexdigest()
 
 
 def first_difference(before: onnx.ModelProto, after: onnx.ModelProto) -> str:

@@ -13,8 +13,8 @@ from graphopt.context import PassContext
 from graphopt.ir import Model, iter_graphs
 from graphopt.pass_base import Option, Pass, PassResult
 from graphopt.registry import register_pass
-from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_input, is_graph_output, lacks_annotations, sort_nodes,
-                              replace_all_uses, static_shape)
+from graphopt.rewrite import (STANDARD_DOMAINS, as_constant, is_graph_input, is_graph_output, lacks_annotations,
+                              replace_all_uses, sort_nodes, static_shape)
 from graphopt.stats import graph_stats
 from graphopt.passes.shapes import annotate_shapes
 

@@ -49,7 +49,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from graphopt import runtime
 from graphopt.errors import first_line
 from graphopt.context import PassContext
-from graphopt.ir import Model
+from graphopt.ir import Model, node_subgraphs
 from graphopt.pass_base import Option, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.rewrite import is_graph_output, legalize_scalar_operands, remove_nodes, replace_all_uses
@@ -145,17 +145,9 @@ def _is_absent(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Variable) and not tensor.name and not tensor.inputs
 
 
-def _subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
-    for value in node.attrs.values():
-        if isinstance(value, gs.Graph):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from (v for v in value if isinstance(v, gs.Graph))
-
-
 def _nested_nodes(node: gs.Node) -> Iterator[gs.Node]:
     """Every node inside ``node``'s subgraphs, recursively."""
-    for sub in _subgraphs(node):
+    for sub in node_subgraphs(node):
         for inner in sub.nodes:
             yield inner
             yield from _nested_nodes(inner)
@@ -163,7 +155,7 @@ def _nested_nodes(node: gs.Node) -> Iterator[gs.Node]:
 
 def outer_refs(node: gs.Node) -> list[gs.Tensor]:
     """Tensors that ``node``'s subgraphs read from the enclosing scope."""
-    if not any(True for _ in _subgraphs(node)):
+    if not any(True for _ in node_subgraphs(node)):
         return []
     produced: set[int] = set()
     inner_nodes = list(_nested_nodes(node))
@@ -172,10 +164,10 @@ def outer_refs(node: gs.Node) -> list[gs.Tensor]:
         produced.update(id(t) for t in graph.inputs)
         for n in graph.nodes:
             produced.update(id(t) for t in n.outputs)
-            for sub in _subgraphs(n):
+            for sub in node_subgraphs(n):
                 collect(sub)
 
-    for sub in _subgraphs(node):
+    for sub in node_subgraphs(node):
         collect(sub)
     refs: dict[int, gs.Tensor] = {}
     for n in inner_nodes:
